@@ -205,10 +205,13 @@ class TrainConfig:
     val_fraction: float = 0.1
     # Shuffle blocks with this seed before the split; negative keeps text order (the reference).
     split_shuffle_seed: int = -1
-    # Blocks per microbatch, and microbatches accumulated per optimizer step.
+    # Blocks per microbatch (split over the mesh's 'data' axis).
     batch_size: int = 1
+    # Microbatches accumulated per optimizer step (scanned inside the jitted step).
     grad_accum: int = 16
+    # Optimizer steps; 0 prepares the workdir (vocab, init, data, snapshot, config.json) and exits.
     max_steps: int = 3000
+    # Peak learning rate.
     lr: float = 5e-4
     # Linear warmup over this fraction of max_steps, then `schedule`.
     warmup_ratio: float = 0.05
@@ -216,6 +219,7 @@ class TrainConfig:
     schedule: str = "cosine"
     # adafactor (the reference; HF's factored second moment) | adamw.
     optimizer: str = "adafactor"
+    # Decoupled weight decay on the trainable rows (applied before the row mask).
     weight_decay: float = 0.0
     # Global-norm gradient clip; 0 disables.
     clip_norm: float = 1.0
@@ -231,13 +235,17 @@ class TrainConfig:
     init_sphere_factor: float = 1.5
     # hewitt: covariance scale eps.
     init_hewitt_eps: float = 1e-5
+    # Validation loss every N steps (and at the last step).
     eval_every: int = 100
+    # Checkpoint every N steps (and at the last step).
     save_every: int = 100
+    # Log the mean training loss, lr and tokens/s every N steps (and at every save).
     log_every: int = 10
     # Checkpoints kept (max_to_keep); the best by validation loss is kept besides.
     keep: int = 3
     # Save the table alone as npy every N steps for trajectory analysis; 0 disables.
     snapshot_every: int = 0
+    # Seeds the new-row init and the batch order; every key is fold_in(seed, step).
     seed: int = 0
     # Device mesh 'data,model', e.g. "8,1" or "4,2"; empty: all devices on 'data'.
     mesh: str = ""

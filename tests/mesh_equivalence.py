@@ -1,0 +1,73 @@
+"""Runs the Phase 1 step on several meshes of 8 forced host devices; prints the differences.
+
+Run as a subprocess by tests/test_parallel.py, because XLA_FLAGS must be set before jax
+initialises its backends and the rest of the suite runs on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from wake2vec import model, optim, parallel, train  # noqa: E402
+from wake2vec.config import ModelConfig, TrainConfig  # noqa: E402
+
+CFG = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+TC = TrainConfig(max_steps=10, lr=1e-2, warmup_ratio=0.0, weight_decay=0.01, mask_base_rows=True)
+
+
+def run(mesh_spec: str, devices) -> tuple[list[float], np.ndarray, np.ndarray]:
+    mesh = parallel.make_mesh(mesh_spec, devices)
+    rows = parallel.padded_vocab(CFG.vocab_size, mesh)
+    params = model.init_params(CFG, jax.random.PRNGKey(0))
+    params["embedding"] = jnp.pad(params["embedding"], ((0, rows - 300), (0, 0)))
+    params["lm_head"]["kernel"] = jnp.pad(params["lm_head"]["kernel"], ((0, 0), (0, rows - 300)))
+    trainable, frozen = optim.split_params(params)
+    tx = optim.make_optimizer(TC, 200)
+    state = train.init_state(trainable, frozen, tx)
+    state_sharding = train.TrainState(
+        parallel.replicated(mesh),
+        parallel.vocab_sharded_like(state.trainable, mesh, rows),
+        parallel.vocab_sharded_like(state.opt_state, mesh, rows),
+    )
+    frozen_sharding = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen)
+    batch_sharding = parallel.batch_sharding(mesh, 3, 1)
+    state = jax.device_put(state, state_sharding)
+    step = jax.jit(train.make_train_step(tx, optim.make_schedule(TC), train.StepSettings(CFG, loss_chunk=64)),
+                   in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                   out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=(0,))
+    losses = []
+    for seed in range(3):
+        batch = np.random.default_rng(seed).integers(0, 300, (2, 8, 33)).astype(np.int32)
+        state, metrics = step(state, jax.device_put(frozen, frozen_sharding), jax.device_put(batch, batch_sharding))
+        losses.append(float(metrics["loss"]))
+    assert state.trainable["embedding"].sharding.spec == jax.sharding.PartitionSpec("model", None)
+    table = np.asarray(state.trainable["embedding"])[:300]
+    head = np.asarray(state.trainable["lm_head"]["kernel"])[:, :300]
+    return losses, table, head
+
+
+def main():
+    devices = jax.devices()
+    assert len(devices) == 8, devices
+    ref_losses, ref_table, ref_head = run("1,1", devices[:1])
+    report = {}
+    for spec in ("8,1", "4,2", "2,4"):
+        losses, table, head = run(spec, devices)
+        report[spec] = {
+            "loss": float(np.max(np.abs(np.subtract(losses, ref_losses)))),
+            "table": float(np.max(np.abs(table - ref_table))),
+            "head": float(np.max(np.abs(head - ref_head))),
+        }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

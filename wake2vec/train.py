@@ -1,0 +1,154 @@
+"""Phase 1 training steps: pure, jitted, sharded functions of (state, frozen, batch).
+
+* `train_step(state, frozen, batch) -> (state, metrics)` differentiates only
+  `state.trainable` (the table, and an untied head). The frozen body is a separate,
+  non-differentiated argument, so XLA never builds a gradient for a frozen weight.
+* Gradient accumulation is a `lax.scan` over microbatches inside the step: one compiled
+  program, one optimiser update per step, as HF Trainer's gradient_accumulation_steps.
+* The loss never materialises (tokens x vocab) logits: `chunked_cross_entropy` scans over
+  token chunks with each chunk rematerialised in the backward pass, so only one chunk's
+  logits are alive at a time. Padding rows of the vocabulary are masked out of the softmax.
+* Loss semantics follow HF's causal-LM loss: each block of T tokens gives T - 1
+  next-token predictions; the step's loss is their mean over every block of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from wake2vec import model, optim
+from wake2vec.config import ModelConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds: the step, the trainable rows and their optimiser state."""
+
+    step: jax.Array
+    trainable: dict
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static settings of the compiled step (hashable: they select the program)."""
+
+    model_cfg: ModelConfig
+    compute_dtype: Any = jnp.float32
+    remat: str = "full"
+    loss_chunk: int = 1024
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    vocab_size: int,
+    chunk: int,
+    compute_dtype=jnp.float32,
+) -> jax.Array:
+    """Sum over tokens of weights * -log softmax(hidden @ head^T)[target].
+
+    hidden (N, D) float32, head (rows, D) with rows >= vocab_size (padding rows are masked),
+    targets (N,), weights (N,). Tokens are processed `chunk` at a time under
+    `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of storing
+    them: peak temporary memory is one (chunk x rows) block, not (N x rows).
+    """
+    n, dim = hidden.shape
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, dim)
+    targets = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+    weights = jnp.pad(weights, (0, pad)).reshape(-1, chunk)
+    real_rows = jnp.arange(head.shape[0]) < vocab_size
+    head_c = head.astype(compute_dtype)
+
+    @jax.checkpoint
+    def chunk_loss(h, t, w):
+        logits = jnp.dot(h.astype(compute_dtype), head_c.T, preferred_element_type=jnp.float32)
+        logits = jnp.where(real_rows[None, :], logits, -jnp.inf)
+        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return jnp.sum(w * (jax.nn.logsumexp(logits, axis=-1) - target_logit))
+
+    def body(total, xs):
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))
+    return total
+
+
+def loss_sum_and_count(
+    trainable: dict, frozen: dict, ids: jax.Array, block_weights: jax.Array, settings: StepSettings
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token losses, number of predicted tokens) for blocks ids (B, T).
+
+    `block_weights` (B,) is 1 for real blocks and 0 for padding blocks of a short last
+    eval batch, so padding never counts in the mean.
+    """
+    cfg = settings.model_cfg
+    params = {**frozen, **trainable}
+    hidden = model.hidden_states(cfg, params, ids[:, :-1], compute_dtype=settings.compute_dtype, remat=settings.remat).hidden
+    batch, length = ids[:, 1:].shape
+    weights = jnp.broadcast_to(block_weights[:, None].astype(jnp.float32), (batch, length)).reshape(-1)
+    total = chunked_cross_entropy(
+        hidden.reshape(batch * length, -1),
+        model.head_matrix(cfg, params),
+        ids[:, 1:].reshape(-1),
+        weights,
+        cfg.vocab_size,
+        settings.loss_chunk,
+        settings.compute_dtype,
+    )
+    return total, jnp.sum(weights)
+
+
+def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, settings: StepSettings) -> Callable:
+    """train_step(state, frozen, batch (accum, B, T)) -> (state, metrics); not yet jitted."""
+
+    def mean_loss(trainable, frozen, ids):
+        total, count = loss_sum_and_count(trainable, frozen, ids, jnp.ones(ids.shape[0]), settings)
+        return total / count
+
+    grad_fn = jax.value_and_grad(mean_loss)
+
+    def train_step(state: TrainState, frozen: dict, batch: jax.Array):
+        accum = batch.shape[0]
+
+        def microbatch(carry, ids):
+            grads, loss = carry
+            micro_loss, micro_grads = grad_fn(state.trainable, frozen, ids)
+            # Every microbatch predicts the same number of tokens, so the mean of the
+            # microbatch means is the mean over the whole step.
+            grads = jax.tree_util.tree_map(lambda a, g: a + g / accum, grads, micro_grads)
+            return (grads, loss + micro_loss / accum), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+        (grads, loss), _ = jax.lax.scan(microbatch, (zeros, jnp.zeros((), jnp.float32)), batch)
+        full_params = {**frozen, **state.trainable}
+        updates, opt_state = tx.update(optim.gradient_tree(grads, frozen), state.opt_state, full_params)
+        trainable = optax.apply_updates(state.trainable, {k: updates[k] for k in state.trainable})
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(settings: StepSettings) -> Callable:
+    """eval_step(trainable, frozen, ids (B, T), block_weights (B,)) -> (loss_sum, count)."""
+
+    def eval_step(trainable, frozen, ids, block_weights):
+        return loss_sum_and_count(trainable, frozen, ids, block_weights, settings)
+
+    return eval_step
+
+
+def init_state(trainable: dict, frozen: dict, tx: optax.GradientTransformation) -> TrainState:
+    opt_state = tx.init({**frozen, **trainable})
+    return TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
