@@ -1,0 +1,169 @@
+"""The Phase 1 train step, wake2vec against the original pipeline's, side by side.
+
+    python -m experiments.benchmark                     # CPU, the vocab-heavy default shape
+    python -m experiments.benchmark --shape=tinyllama --frozen_dtype=bfloat16 --compute_dtype=bfloat16  # GPU
+
+Contenders, same shape, same random token batch, same machine, in one process:
+
+* wake2vec: the jitted `train.make_train_step` (embedding-only gradients, chunked loss,
+  partitioned Adafactor), exactly what experiments/train_p1 runs;
+* the original: transformers' `LlamaForCausalLM` in PyTorch with every weight frozen, the
+  input embedding tied to the head as the only trainable tensor, transformers' Adafactor
+  (scale_parameter=False, relative_step=False: HF Trainer's optim="adafactor"), grad clip 1.0.
+
+Repetitions alternate between the two so that machine noise hits both alike; the report
+gives medians, the tokens/s ratio, and wake2vec's achieved FLOP/s (XLA's cost analysis of
+the compiled step) against a float32 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from absl import app, flags
+
+SHAPES = {
+    # Vocab-heavy like Phase 1 (the table dominates), small enough for a 2-core CPU.
+    "default": dict(vocab=76_500, hidden=512, mlp=1408, layers=4, heads=8, kv_heads=1, seq=256, batch=4),
+    # TinyLlama-1.1B with the Wake's vocabulary, for a GPU.
+    "tinyllama": dict(vocab=76_500, hidden=2048, mlp=5632, layers=22, heads=32, kv_heads=4, seq=256, batch=16),
+}
+
+_SHAPE = flags.DEFINE_enum("shape", "default", list(SHAPES), "Model and batch shape.")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed steps per contender (after warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per contender (compilation, allocator).")
+_FROZEN_DTYPE = flags.DEFINE_string("frozen_dtype", "float32", "wake2vec's frozen-body storage dtype.")
+_COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "float32", "wake2vec's matmul dtype.")
+_REMAT = flags.DEFINE_string("remat", "none", "wake2vec's remat policy; torch uses gradient checkpointing unless 'none'.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch step (needs torch).")
+_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 leaves torch's default.")
+
+
+def _model_config(shape: dict):
+    from wake2vec.config import ModelConfig
+
+    return ModelConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["mlp"],
+                       num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                       num_key_value_heads=shape["kv_heads"], max_position_embeddings=max(2048, shape["seq"]),
+                       tie_word_embeddings=True)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    """Float32 matmul FLOP/s of this machine through XLA (the 'peak' MFU is measured against)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((size, size), jnp.float32)
+    dot = jax.jit(lambda x: x @ x)
+    dot(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def wake2vec_step(shape: dict):
+    """(run_one_step, compiled FLOPs per step)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from wake2vec import model, optim, parallel, train
+    from wake2vec.config import TrainConfig, dtype_from_name
+
+    cfg = _model_config(shape)
+    tc = TrainConfig(max_steps=1000, grad_accum=1, batch_size=shape["batch"], seq_len=shape["seq"])
+    mesh = parallel.make_mesh("")
+    rows = parallel.padded_vocab(cfg.vocab_size, mesh)
+    params = model.init_params(cfg, jax.random.PRNGKey(0), dtype=dtype_from_name(_FROZEN_DTYPE.value))
+    params["embedding"] = jnp.pad(params["embedding"], ((0, rows - cfg.vocab_size), (0, 0)))
+    trainable, frozen = optim.split_params(params)
+    tx = optim.make_optimizer(tc, 32_000)
+    settings = train.StepSettings(cfg, dtype_from_name(_COMPUTE_DTYPE.value), _REMAT.value, loss_chunk=1024)
+    step = jax.jit(train.make_train_step(tx, optim.make_schedule(tc), settings), donate_argnums=(0,))
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, shape["batch"], shape["seq"])), jnp.int32)
+    state = train.init_state(trainable, frozen, tx)
+    flops = step.lower(state, frozen, batch).compile().cost_analysis()["flops"]
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], frozen, batch)
+        metrics["loss"].block_until_ready()
+
+    return run, flops
+
+
+def torch_step(shape: dict):
+    """The original pipeline's step: frozen LlamaForCausalLM, tied table trainable, HF Adafactor."""
+    import numpy as np
+    import torch
+    import transformers
+    from transformers.optimization import Adafactor
+
+    if _THREADS.value:
+        torch.set_num_threads(_THREADS.value)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["mlp"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=max(2048, shape["seq"]), tie_word_embeddings=True)
+    llama = transformers.LlamaForCausalLM(config)
+    llama.train()
+    if _REMAT.value != "none":
+        llama.gradient_checkpointing_enable()
+    for param in llama.parameters():
+        param.requires_grad_(False)
+    table = llama.get_input_embeddings().weight
+    table.requires_grad_(True)
+    assert llama.lm_head.weight is table  # tied: one unified matrix, as the reference run
+    optimizer = Adafactor([table], lr=5e-4, scale_parameter=False, relative_step=False, warmup_init=False)
+    ids = torch.as_tensor(np.random.default_rng(0).integers(0, shape["vocab"], (shape["batch"], shape["seq"])))
+
+    def run():
+        loss = llama(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([table], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def main(argv):
+    del argv
+    import jax
+
+    shape = SHAPES[_SHAPE.value]
+    tokens = shape["batch"] * shape["seq"]
+    print(f"shape {_SHAPE.value}: {shape}; {tokens} tokens per step; devices {jax.devices()}")
+    contenders = {}
+    ours, flops = wake2vec_step(shape)
+    contenders["wake2vec"] = ours
+    if _TORCH.value:
+        contenders["pytorch"] = torch_step(shape)
+    for run in contenders.values():
+        for _ in range(_WARMUP.value):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(_REPEATS.value):
+        for name, run in contenders.items():  # alternate, so noise hits both alike
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    peak = matmul_peak_flops()
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, median in medians.items():
+        spread = f"min {min(times[name]):.3f} s, max {max(times[name]):.3f} s"
+        print(f"{name:9s} median {median:.3f} s/step ({spread}): {tokens / median:,.0f} tokens/s")
+    if "pytorch" in medians:
+        print(f"ratio wake2vec / pytorch tokens/s: {medians['pytorch'] / medians['wake2vec']:.2f}x")
+    achieved = flops / medians["wake2vec"]
+    print(f"wake2vec: {flops / 1e9:.1f} GFLOP per step (XLA cost analysis), {achieved / 1e9:.1f} GFLOP/s achieved; "
+          f"float32 matmul peak measured now {peak / 1e9:.1f} GFLOP/s -> {achieved / peak:.0%} of it")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,248 @@
+"""The Phase 1 run: prepare, place on the mesh, resume, train, evaluate, save, report.
+
+Interruption is a non-event by construction:
+
+* a checkpoint holds only (step, trainable rows, optimiser state); the frozen body is
+  re-read from its source, whose hash prepare() checks;
+* the batch of step s is `data.train_batch(train_blocks, s, seed=...)`, a pure function,
+  and the step itself has no randomness, so a resumed run computes what the uninterrupted
+  one would have, bit for bit on CPU;
+* every save step is also a log step, so the "mean training loss since the previous log"
+  windows never straddle a restore point; metrics.jsonl is cut back to the checkpoint and
+  the rest is re-logged identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wake2vec import checkpoint, data, optim, parallel, prepare, train, workdir as records
+from wake2vec.config import TrainConfig, dtype_from_name
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    workdir: pathlib.Path
+    final_step: int
+    last_train_loss: float | None
+    last_val_loss: float | None
+
+
+def _place(tree, shardings):
+    """device_put leaf by leaf, so host copies can be freed as they go (TinyLlama: 4.4 GB)."""
+    return jax.tree_util.tree_map(lambda x, s: jax.block_until_ready(jax.device_put(x, s)), tree, shardings)
+
+
+def _pad_rows(trainable: dict, rows: int) -> dict:
+    """Zero rows appended to the vocabulary axis (table axis 0, head kernel axis 1)."""
+    table = trainable["embedding"]
+    out = {"embedding": np.pad(table, ((0, rows - table.shape[0]), (0, 0)))}
+    if "lm_head" in trainable:
+        kernel = trainable["lm_head"]["kernel"]
+        out["lm_head"] = {"kernel": np.pad(kernel, ((0, 0), (0, rows - kernel.shape[1])))}
+    return out
+
+
+def _eval_batches(val_blocks: np.ndarray, batch: int, max_blocks: int):
+    """Fixed-shape eval batches: a short last batch is padded with zero-weight blocks."""
+    for ids in data.eval_batches(val_blocks, batch, max_blocks):
+        weights = np.ones(batch, np.float32)
+        if len(ids) < batch:
+            weights[len(ids):] = 0.0
+            ids = np.concatenate([ids, np.zeros((batch - len(ids), ids.shape[1]), ids.dtype)])
+        yield ids, weights
+
+
+class _Progress:
+    """Tracks the log window and prints step, losses, tokens/s and ETA."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, tokens_per_step: int):
+        self.cfg, self.tokens_per_step = cfg, tokens_per_step
+        self.window_losses: list[float] = []
+        self.window_start = time.perf_counter()
+        self.run_start, self.run_start_step = self.window_start, start_step
+        self.last_train: float | None = None
+        self.prev_eval: tuple[float, float | None] | None = None
+
+    def flush(self, step: int, lr: float) -> dict:
+        now = time.perf_counter()
+        mean = float(np.mean(self.window_losses))
+        tokens_per_s = self.tokens_per_step * len(self.window_losses) / max(now - self.window_start, 1e-9)
+        done = step - self.run_start_step
+        eta = (now - self.run_start) / max(done, 1) * (self.cfg.max_steps - step)
+        logging.info("step %d/%d  train_loss %.4f  lr %.3g  %.0f tokens/s  ETA %s",
+                     step, self.cfg.max_steps, mean, lr, tokens_per_s, _duration(eta))
+        self.window_losses, self.window_start, self.last_train = [], now, mean
+        return {"step": step, "train_loss": mean, "lr": lr, "tokens_per_s": tokens_per_s}
+
+    def note_eval(self, step: int, val_loss: float) -> None:
+        logging.info("step %d  val_loss %.4f", step, val_loss)
+        if self.prev_eval is not None:
+            prev_val, prev_train = self.prev_eval
+            if val_loss > prev_val and self.last_train is not None and prev_train is not None and self.last_train < prev_train:
+                logging.warning(
+                    "step %d: validation loss rose (%.4f -> %.4f) while training loss fell (%.4f -> %.4f): "
+                    "the memorisation gap Phase 1 produces by design; training continues",
+                    step, prev_val, val_loss, prev_train, self.last_train)
+        self.prev_eval = (val_loss, self.last_train)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    parallel.maybe_initialize_distributed(cfg.distributed)
+    prepared = prepare.prepare(cfg)
+    workdir = pathlib.Path(cfg.workdir)
+    record = prepared.record
+    logging.info("vocab %s; data %s", prepared.vocab_stats.as_dict(), prepared.corpus_stats.as_dict())
+    if cfg.max_steps == 0:
+        logging.info("--max_steps=0: workdir %s prepared; no training", workdir)
+        return RunResult(workdir, 0, None, None)
+
+    mesh = parallel.make_mesh(cfg.mesh)
+    data_size = mesh.shape[parallel.DATA]
+    if cfg.batch_size % data_size:
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of the mesh's data axis ({data_size})")
+    rows = record.get("padded_vocab") or parallel.padded_vocab(prepared.model_cfg.vocab_size, mesh)
+    if rows % (128 * mesh.shape[parallel.MODEL]):
+        raise ValueError(f"this run's table has {rows} rows, which do not split over a model axis of {mesh.shape[parallel.MODEL]}; resume with the original --mesh")
+    if "padded_vocab" not in record:
+        record["padded_vocab"] = rows
+        records.write_config(workdir, record)
+
+    base_size = prepared.vocab_stats.base_size
+    tx = optim.make_optimizer(cfg, base_size)
+    schedule = optim.make_schedule(cfg)
+    settings = train.StepSettings(prepared.model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk)
+
+    frozen = _place(prepared.frozen, jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), prepared.frozen))
+    trainable_host = _pad_rows(prepared.trainable, rows)
+    trainable = _place(trainable_host, parallel.vocab_sharded_like(trainable_host, mesh, rows))
+    prepared.frozen = prepared.trainable = None  # host copies are no longer needed
+
+    abstract = jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen)
+    state_sharding = train.TrainState(
+        step=parallel.replicated(mesh),
+        trainable=parallel.vocab_sharded_like(abstract.trainable, mesh, rows),
+        opt_state=parallel.vocab_sharded_like(abstract.opt_state, mesh, rows),
+    )
+    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep, abstract_state=abstract)
+    one = checkpoint.checkpoint_nbytes(abstract)
+    logging.info("checkpoints: %s", checkpoint.check_disk_space(workdir / "checkpoints", one, cfg.keep))
+
+    state = ckpt.restore_latest()
+    if state is None:
+        state = jax.jit(lambda t, f: train.init_state(t, f, tx), out_shardings=state_sharding)(trainable, frozen)
+        start = 0
+    else:
+        start = int(state.step)
+        logging.info("resuming from the committed checkpoint at step %d", start)
+        records.truncate_metrics(workdir, start)
+    del trainable
+
+    batch_sharding = parallel.batch_sharding(mesh, 3, 1)
+    step_fn = jax.jit(
+        train.make_train_step(tx, schedule, settings),
+        in_shardings=(state_sharding, jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen), batch_sharding),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(train.make_eval_step(settings))
+    eval_batch = cfg.batch_size
+
+    def evaluate(trainable_now) -> float:
+        total, count = 0.0, 0.0
+        for ids, weights in _eval_batches(prepared.val_blocks, eval_batch, cfg.eval_blocks):
+            loss_sum, n = eval_fn(trainable_now, frozen,
+                                  jax.device_put(ids, parallel.batch_sharding(mesh, 2, 0)),
+                                  jax.device_put(weights, parallel.batch_sharding(mesh, 1, 0)))
+            total, count = total + float(loss_sum), count + float(n)
+        return total / count
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    progress = _Progress(cfg, start, tokens_per_step)
+    last_val = None
+    if start == 0 and not records.read_metrics(workdir):
+        last_val = evaluate(state.trainable)
+        records.append_metrics(workdir, {"step": 0, "val_loss": last_val})
+        progress.note_eval(0, last_val)
+
+    try:
+        for step in range(start, cfg.max_steps):
+            batch = data.train_batch(prepared.train_blocks, step, seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+            state, metrics = step_fn(state, frozen, jax.device_put(batch, batch_sharding))
+            loss = float(metrics["loss"])
+            done = step + 1
+            if not math.isfinite(loss):
+                saved = ckpt.all_steps()
+                raise NonFiniteLossError(
+                    f"step {done}: training loss is {loss}. Nothing from this step was saved; the last good checkpoint "
+                    f"is step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
+                    "(fp16 overflows easily), then rerun the same command to resume from it")
+            progress.window_losses.append(loss)
+            is_last = done == cfg.max_steps
+            save_now = done % cfg.save_every == 0 or is_last
+            if done % cfg.log_every == 0 or save_now:
+                records.append_metrics(workdir, progress.flush(done, float(metrics["lr"])))
+            val_loss = None
+            if done % cfg.eval_every == 0 or is_last:
+                val_loss = last_val = evaluate(state.trainable)
+                records.append_metrics(workdir, {"step": done, "val_loss": val_loss})
+                progress.note_eval(done, val_loss)
+            if save_now:
+                ckpt.save(state, val_loss=val_loss)
+            if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+                _snapshot(workdir, state, prepared.model_cfg.vocab_size, done)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        events = records.read_metrics(workdir)
+        records.write_loss_table(workdir, events)
+        records.write_loss_curve(workdir, events)
+
+    final_table = np.asarray(jax.device_get(state.trainable["embedding"]))[: prepared.model_cfg.vocab_size]
+    if cfg.analyze:
+        _analyze(workdir, final_table, prepared)
+    if cfg.generate_at_end:
+        _generate(workdir, prepared, state, frozen)
+    return RunResult(workdir, cfg.max_steps, progress.last_train, last_val)
+
+
+def _snapshot(workdir: pathlib.Path, state: train.TrainState, vocab_size: int, step: int) -> None:
+    directory = workdir / "snapshots"
+    directory.mkdir(exist_ok=True)
+    table = np.asarray(jax.device_get(state.trainable["embedding"]))[:vocab_size]
+    prepare._atomic_save_npy(directory / f"embeddings_step_{step}.npy", table)
+
+
+def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.PreparedRun) -> None:
+    from wake2vec.analysis import report
+
+    logging.info("analysing the trained table -> %s", workdir / "analysis")
+    tokens = prepared.tokenizer.convert_ids_to_tokens(list(range(table.shape[0])))
+    report.run_analysis(table, prepared.vocab_stats.base_size, workdir / "analysis",
+                        E_pre=np.load(workdir / prepare.EMBEDDINGS_PRE), tokens=tokens, seed=0)
+
+
+def _generate(workdir: pathlib.Path, prepared: prepare.PreparedRun, state: train.TrainState, frozen: dict) -> None:
+    from wake2vec import generate
+
+    params = {**jax.device_get(frozen), **jax.device_get(state.trainable)}
+    generate.write_generations(workdir, prepared.model_cfg, params, prepared.tokenizer, step=int(state.step), demo=True)
