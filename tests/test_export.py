@@ -1,0 +1,152 @@
+"""experiments/export_hf and checkpoint.load_params: a trained run, opened by transformers.
+
+Each workdir is what a run leaves: a tiny HF source written by convert.save_hf, a word-level
+tokenizer grown with vocab.augment_tokenizer, config.json, and one checkpoint whose table
+(and head) differ from the source's everywhere, with padding rows full of garbage, so a
+row taken from the wrong place or a padding row left in shows up in the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from experiments import export_hf
+from tests.hf_oracle import torch, transformers
+from wake2vec import checkpoint, convert, model, optim, train, vocab
+from wake2vec.config import ModelConfig, TrainConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BASE_WORDS = ["[UNK]"] + [f"w{i}" for i in range(59)]
+LEXICON = ["riverrun", "w3", "commodius", "vicus"]  # w3 is already a base token
+ROWS = 128  # padded table rows
+STEP = 7
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(BASE_WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def make_workdir(root: pathlib.Path, *, source_tied: bool, run_tied: bool) -> pathlib.Path:
+    """A finished run's workdir (config.json, tokenizer/, checkpoints/STEP) over a fresh source."""
+    source_cfg = ModelConfig(
+        vocab_size=len(BASE_WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=source_tied,
+    )
+    source = convert.save_hf(source_cfg, model.init_params(source_cfg, jax.random.key(0)), root / "source")
+    workdir = root / "run"
+    workdir.mkdir()
+    tokenizer = _tokenizer()
+    stats = vocab.augment_tokenizer(tokenizer, LEXICON)
+    vocab.save_tokenizer(tokenizer, workdir)
+
+    rng = np.random.default_rng(1)
+    dim = source_cfg.hidden_size
+    table = rng.normal(0, 0.05, (ROWS, dim)).astype(np.float32)
+    table[stats.total:] = 1e3  # padding rows: never tokens
+    trainable = {"embedding": table}
+    if not run_tied:
+        head = rng.normal(0, 0.05, (dim, ROWS)).astype(np.float32)
+        head[:, stats.total:] = 1e3
+        trainable["lm_head"] = {"kernel": head}
+    _, frozen_params = convert.load_hf(str(source), as_numpy=True)
+    _, frozen = optim.split_params(frozen_params)
+    train_cfg = TrainConfig(tie_embeddings=run_tied)
+    tx = optim.make_optimizer(train_cfg, stats.base_size)
+    state = train.init_state(jax.tree_util.tree_map(np.asarray, trainable), frozen, tx)
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=2, async_save=False)
+    ckpt.save(state.replace(step=np.int32(STEP)))
+    ckpt.close()
+
+    record = {
+        "flags": dataclasses.asdict(train_cfg), "model_source": str(source.resolve()),
+        "source_hash": convert.source_hash(source), "vocab": stats.as_dict(), "padded_vocab": ROWS,
+    }
+    (workdir / "config.json").write_text(json.dumps(record))
+    return workdir
+
+
+CASES = {  # (source tied, run tied)
+    "untied_source_tied_run": (False, True),  # TinyLlama's case: the source head is dropped
+    "untied_source_untied_run": (False, False),
+    "tied_source_untied_run": (True, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_loads_in_transformers_with_wake2vec_logits(tmp_path, case):
+    source_tied, run_tied = CASES[case]
+    workdir = make_workdir(tmp_path, source_tied=source_tied, run_tied=run_tied)
+    total = len(BASE_WORDS) + len(LEXICON) - 1
+    assert export_hf.export(workdir, tmp_path / "out") == STEP
+
+    cfg, params, step = checkpoint.load_params(workdir)
+    assert step == STEP and cfg.vocab_size == total and cfg.tie_word_embeddings == run_tied
+    assert ("lm_head" in params) == (not run_tied)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert hf.config.vocab_size == total and hf.config.tie_word_embeddings == run_tied
+
+    # The trained rows are merged in bit for bit, padding rows dropped.
+    trained, _ = checkpoint.load_trainable(workdir)
+    state = hf.state_dict()
+    np.testing.assert_array_equal(state["model.embed_tokens.weight"].numpy(), trained["embedding"][:total])
+    expected_head = trained["embedding"][:total] if run_tied else trained["lm_head"]["kernel"][:, :total].T
+    np.testing.assert_array_equal(state["lm_head.weight"].numpy(), expected_head)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tokenizer) == total
+    ids = tokenizer("w1 riverrun w5 vicus w3 commodius w58", add_special_tokens=False)["input_ids"]
+    assert ids == [2, 60, 6, 62, 4, 61, 59]  # new words get ids 60.. in lexicon order; w3 keeps its base id
+    batch = np.concatenate([ids, np.random.default_rng(2).integers(0, total, 32 - len(ids))])[None].astype(np.int32)
+    with torch.no_grad():
+        hf_logits = hf(torch.as_tensor(batch, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(model.forward(cfg, params, batch))
+    assert hf_logits.shape == ours.shape == (1, 32, total)
+    np.testing.assert_allclose(hf_logits, ours, atol=1e-4, rtol=0)
+
+    provenance = json.loads((tmp_path / "out" / export_hf.PROVENANCE).read_text())
+    assert provenance["step"] == STEP and provenance["vocab"]["total"] == total
+
+
+def test_a_changed_source_is_refused_with_both_hashes(tmp_path):
+    workdir = make_workdir(tmp_path, source_tied=False, run_tied=True)
+    record = json.loads((workdir / "config.json").read_text())
+    source = pathlib.Path(record["model_source"])
+    cfg, params = convert.load_hf(str(source), as_numpy=True)
+    params["norm"]["scale"] = params["norm"]["scale"] + 1
+    convert.save_hf(cfg, params, source)
+    new_hash = convert.source_hash(source)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"changed .*{record['source_hash'][:16]}.*{new_hash[:16]}"):
+        checkpoint.load_params(workdir)
+
+
+def test_cli_exports_a_chosen_step_and_exits_non_zero_on_errors(tmp_path):
+    workdir = make_workdir(tmp_path, source_tied=False, run_tied=False)
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+
+    def cli(*flags):
+        return subprocess.run([sys.executable, "-m", "experiments.export_hf", *flags],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+
+    done = cli(f"--workdir={workdir}", f"--out={tmp_path / 'out'}", f"--step={STEP}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    again = cli(f"--workdir={workdir}", f"--out={tmp_path / 'out'}")
+    assert again.returncode != 0 and "is not empty" in again.stderr
+    missing_step = cli(f"--workdir={workdir}", f"--out={tmp_path / 'out2'}", "--step=3")
+    assert missing_step.returncode != 0 and "no committed checkpoint at step 3" in missing_step.stderr
+    no_run = cli(f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'out3'}")
+    assert no_run.returncode != 0 and "config.json not found" in no_run.stderr
