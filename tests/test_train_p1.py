@@ -126,3 +126,13 @@ def test_flagfile_is_honoured(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((tmp_path / "w" / "config.json").read_text())
     assert config["flags"]["lr"] == 0.002 and config["flags"]["max_steps"] == 2
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # stands in for a live run
+        out = launch(tmp_path, "--max_steps=2")
+    assert out.returncode != 0 and "in use by another wake2vec run" in out.stderr

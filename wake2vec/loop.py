@@ -14,7 +14,9 @@ Interruption is a non-event by construction:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import math
 import pathlib
@@ -104,8 +106,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+@contextlib.contextmanager
+def exclusive_workdir(workdir: pathlib.Path):
+    """Holds workdir/.lock for the run: a second run on the same workdir would otherwise
+    clear the first one's unfinished checkpoint saves and interleave its metrics."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RuntimeError(f"{workdir} is in use by another wake2vec run; wait for it or choose another --workdir") from e
+        yield
+
+
 def run(cfg: TrainConfig) -> RunResult:
     parallel.maybe_initialize_distributed(cfg.distributed)
+    with exclusive_workdir(pathlib.Path(cfg.workdir)):
+        return _run_locked(cfg)
+
+
+def _run_locked(cfg: TrainConfig) -> RunResult:
     prepared = prepare.prepare(cfg)
     workdir = pathlib.Path(cfg.workdir)
     record = prepared.record
