@@ -136,3 +136,13 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # stands in for a live run
         out = launch(tmp_path, "--max_steps=2")
     assert out.returncode != 0 and "in use by another wake2vec run" in out.stderr
+
+
+def test_relative_workdir(tmp_path):
+    """The demo's default workdir is relative (runs/demo); Orbax needs absolute paths."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    out = subprocess.run([sys.executable, "-m", "experiments.train_p1", "--workdir=rel/run", *FAST,
+                          "--max_steps=2", "--eval_every=2", "--save_every=1"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "rel/run/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]

@@ -70,7 +70,7 @@ class CheckpointDiskFullError(CheckpointError):
 
 
 def checkpoint_dir(workdir) -> pathlib.Path:
-    return pathlib.Path(workdir) / CHECKPOINTS
+    return pathlib.Path(workdir).absolute() / CHECKPOINTS
 
 
 # --------------------------------------------------------------------------- sizes and disk
@@ -294,7 +294,8 @@ class Checkpointer:
     ):
         if keep < 1:
             raise ValueError(f"--keep={keep} must be at least 1")
-        self.directory = pathlib.Path(directory)
+        # Orbax's tensorstore layer accepts absolute paths only; users pass relative workdirs.
+        self.directory = pathlib.Path(directory).absolute()
         self._abstract = abstract_state
         self._val_losses: dict[int, float] = {}
         self._pending_step: int | None = None
