@@ -1,0 +1,120 @@
+r"""Writes what a checkpoint generates from a prompt at several temperatures.
+
+    python -m experiments.generate --workdir=W [--step=N] \
+        [--prompt="riverrun, past Eve and Adam's," --temperatures=0.5,0.7,0.9,1.0,1.2 \
+         --max_new_tokens=256 --top_k=50 --top_p=0.92 --repetition_penalty=1.15 --seed=0]
+    python -m experiments.generate --workdir=W --model=HF_DIR [--tokenizer=TOKENIZER_DIR]
+
+The defaults are the study's settings (../shared/ORIGINAL.md): Phase 1 is judged largely by
+reading these continuations. With only --workdir the run's trained model is decoded with
+its augmented tokenizer (W/tokenizer); --model decodes any HF checkpoint directory instead
+(its tokenizer from --tokenizer, else from the same directory), so a base model can be
+read beside the trained one. The prompt is encoded with the tokenizer's special tokens
+(Llama's BOS in front), as the study did; a row stops at the tokenizer's EOS. The
+tokenizer is loaded as training loads it (wake2vec.vocab.load_base_tokenizer).
+
+Writes W/generations.md (wake2vec.generate.write_generations): the prompt and settings,
+then one section per temperature (0 means greedy); prints one line per temperature.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Sequence
+
+from absl import app, flags
+import transformers
+
+from wake2vec import config, convert, generate, vocab
+from wake2vec.config import ModelConfig
+
+_STUDY = generate.GenerationSettings()
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; generations.md is written here.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to decode; default: the latest.")
+_MODEL = flags.DEFINE_string(
+    "model", "", "Decode this HF checkpoint directory instead of the workdir's trained model."
+)
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", "", "Tokenizer directory (save_pretrained); default: W/tokenizer, or the --model directory."
+)
+_PROMPT = flags.DEFINE_string("prompt", _STUDY.prompt, "Text to continue.")
+_TEMPERATURES = flags.DEFINE_string(
+    "temperatures", ",".join(f"{t:g}" for t in _STUDY.temperatures),
+    "Comma-separated temperatures, one section each; 0 is greedy.",
+)
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", _STUDY.max_new_tokens, "Tokens generated after the prompt.")
+_TOP_K = flags.DEFINE_integer("top_k", _STUDY.top_k, "Sample among the k most likely tokens; 0 disables.")
+_TOP_P = flags.DEFINE_float("top_p", _STUDY.top_p, "Nucleus sampling mass; 1 disables.")
+_REPETITION_PENALTY = flags.DEFINE_float(
+    "repetition_penalty", _STUDY.repetition_penalty,
+    "transformers' repetition penalty on ids already in the text; 1 disables.",
+)
+_SEED = flags.DEFINE_integer("seed", _STUDY.seed, "Sampling seed; the same seed writes the same file.")
+_COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "float32", "Matmul and KV-cache dtype: float32 | bfloat16.")
+
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    """'0.5,0.7' -> (0.5, 0.7); raises ValueError naming the bad entry (ranges: GenerationSettings)."""
+    entries = [entry.strip() for entry in text.split(",")]
+    if any(not entry for entry in entries):
+        raise ValueError(
+            f"--temperatures={text!r} has an empty entry; pass comma-separated numbers such as 0.5,0.7,0.9"
+        )
+    temperatures = []
+    for entry in entries:
+        try:
+            temperatures.append(float(entry))
+        except ValueError:
+            raise ValueError(
+                f"--temperatures={text!r}: {entry!r} is not a number; pass comma-separated numbers such as 0.5,0.7"
+            ) from None
+    return tuple(temperatures)
+
+
+def load_model(
+    workdir: str, step: int | None, model_dir: str, tokenizer_dir: str
+) -> tuple[ModelConfig, Any, int | None, transformers.PreTrainedTokenizerBase, str]:
+    """(cfg, params, checkpoint step or None, tokenizer, a description of the source).
+
+    The tokenizer is read as training reads it (wake2vec.vocab: tokenizer.json as saved), so
+    the prompt splits exactly as the corpus did.
+    """
+    if model_dir:
+        if step is not None:
+            raise ValueError("--step selects a workdir checkpoint; it has no meaning with --model")
+        cfg, params = convert.load_hf(model_dir)
+        return cfg, params, None, vocab.load_base_tokenizer(tokenizer_dir or model_dir), f"HF checkpoint {model_dir}"
+    # Imported here: the checkpoint module pulls in Orbax, which --model runs never need.
+    from wake2vec import checkpoint
+
+    cfg, params, loaded_step = checkpoint.load_params(workdir, step)
+    tokenizer = vocab.load_base_tokenizer(tokenizer_dir or pathlib.Path(workdir) / "tokenizer")
+    return cfg, params, loaded_step, tokenizer, f"run {workdir}"
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every input is a --flag")
+    try:
+        settings = generate.GenerationSettings(
+            prompt=_PROMPT.value, temperatures=parse_temperatures(_TEMPERATURES.value),
+            max_new_tokens=_MAX_NEW_TOKENS.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+            repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value,
+        )
+        compute_dtype = config.dtype_from_name(_COMPUTE_DTYPE.value)
+        cfg, params, step, tokenizer, source = load_model(
+            _WORKDIR.value, _STEP.value, _MODEL.value, _TOKENIZER.value
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise app.UsageError(str(err)) from err
+    out = generate.write_generations(
+        _WORKDIR.value, cfg, params, tokenizer,
+        step=step, settings=settings, source=source, compute_dtype=compute_dtype,
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
