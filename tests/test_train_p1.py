@@ -146,3 +146,16 @@ def test_relative_workdir(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "rel/run/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    # No warmup and an absurd constant rate: step 1 is computed on the initial table (finite)
+    # and its update overflows the table, so step 2's loss is not finite.
+    out = launch(tmp_path, "--max_steps=5", "--save_every=1", "--eval_every=5", "--lr=1e38",
+                 "--warmup_ratio=0", "--schedule=constant")
+    assert out.returncode != 0
+    assert "step 2: training loss is" in out.stderr and "last good checkpoint is step 1" in out.stderr
+    committed = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert committed == [1]
+    events = read_jsonl(tmp_path / "metrics.jsonl")  # strict JSON: a NaN would not parse back
+    assert max(e["step"] for e in events) == 1

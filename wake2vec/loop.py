@@ -211,6 +211,7 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
             loss = float(metrics["loss"])
             done = step + 1
             if not math.isfinite(loss):
+                ckpt.wait()  # an async save in flight is the last good checkpoint once it commits
                 saved = ckpt.all_steps()
                 raise NonFiniteLossError(
                     f"step {done}: training loss is {loss}. Nothing from this step was saved; the last good checkpoint "
