@@ -57,6 +57,14 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     trained = final_table(tmp_path)
     assert trained.shape == pre.shape and np.abs(trained - pre).max() > 0
 
+    analysed = subprocess.run([sys.executable, "-m", "experiments.analyze", f"--workdir={tmp_path}"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert analysed.returncode == 0, analysed.stderr[-3000:]
+    summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
+    assert summary["meta"]["n_new"] == config["vocab"]["added"]
+    assert summary["drift"]["base"]["cosine"]["min"] < 1.0  # the tied base rows trained too
+    assert (tmp_path / "analysis" / "embedding_analysis.png").stat().st_size > 50_000
+
 
 def test_max_steps_zero_prepares_and_exits(tmp_path):
     out = launch(tmp_path, "--max_steps=0")
