@@ -11,7 +11,9 @@ Contenders, same shape, same random token batch, same machine, in one process:
   input embedding tied to the head as the only trainable tensor, transformers' Adafactor
   (scale_parameter=False, relative_step=False: HF Trainer's optim="adafactor"), grad clip 1.0.
 
-Repetitions alternate between the two so that machine noise hits both alike; the report
+Repetitions alternate between the two so that machine noise hits both alike, each after a
+short idle gap (and with OpenMP threads told not to spin) so that neither runs while the
+other's worker threads still hold the cores; the report
 gives medians, the tokens/s ratio, and wake2vec's achieved model FLOP/s against a float32
 matmul peak measured in the same run.
 
@@ -22,10 +24,16 @@ its figure is low by up to layers x microbatches.
 
 from __future__ import annotations
 
-import statistics
-import time
+import os
 
-from absl import app, flags
+# Both runtimes park idle worker threads; spinning ones (OpenMP's default) would steal the
+# cores from whichever contender runs next. Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
 
 SHAPES = {
     # Vocab-heavy like Phase 1 (the table dominates), small enough for a 2-core CPU.
@@ -42,6 +50,7 @@ _COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "float32", "wake2vec's mat
 _REMAT = flags.DEFINE_string("remat", "none", "wake2vec's remat policy; torch uses gradient checkpointing unless 'none'.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch step (needs torch).")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 leaves torch's default.")
+_GAP = flags.DEFINE_float("gap", 0.5, "Idle seconds before each timed step, so neither contender inherits the other's busy threads.")
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Only compile wake2vec's step and print XLA's FLOP and memory analysis (no timing).")
 
@@ -193,6 +202,7 @@ def main(argv):
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(_REPEATS.value):
         for name, run in contenders.items():  # alternate, so noise hits both alike
+            time.sleep(_GAP.value)  # let the other contender's worker threads go idle
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)

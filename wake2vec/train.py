@@ -6,8 +6,9 @@
 * Gradient accumulation is a `lax.scan` over microbatches inside the step: one compiled
   program, one optimiser update per step, as HF Trainer's gradient_accumulation_steps.
 * The loss never materialises (tokens x vocab) logits: `chunked_cross_entropy` scans over
-  token chunks with each chunk rematerialised in the backward pass, so only one chunk's
-  logits are alive at a time. Padding rows of the vocabulary are masked out of the softmax.
+  token chunks and, under differentiation, forms the loss and both gradients from each
+  chunk's logits in one pass (a custom VJP), so logits are neither stored nor recomputed.
+  Padding rows of the vocabulary are masked out of the softmax.
 * Loss semantics follow HF's causal-LM loss: each block of T tokens gives T - 1
   next-token predictions; the step's loss is their mean over every block of the step.
 """
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -45,43 +47,78 @@ class StepSettings:
     loss_chunk: int = 1024
 
 
-def chunked_cross_entropy(
-    hidden: jax.Array,
-    head: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array,
-    vocab_size: int,
-    chunk: int,
-    compute_dtype=jnp.float32,
-) -> jax.Array:
-    """Sum over tokens of weights * -log softmax(hidden @ head^T)[target].
-
-    hidden (N, D) float32, head (rows, D) with rows >= vocab_size (padding rows are masked),
-    targets (N,), weights (N,). Tokens are processed `chunk` at a time under
-    `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of storing
-    them: peak temporary memory is one (chunk x rows) block, not (N x rows).
-    """
+def _chunked(hidden, targets, weights, chunk):
+    """(N, D), (N,), (N,) -> chunks of `chunk` tokens; padding tokens carry weight 0."""
     n, dim = hidden.shape
     chunk = min(chunk, n)
     pad = -n % chunk
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, dim)
-    targets = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
-    weights = jnp.pad(weights, (0, pad)).reshape(-1, chunk)
-    real_rows = jnp.arange(head.shape[0]) < vocab_size
-    head_c = head.astype(compute_dtype)
+    return (
+        jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, dim),
+        jnp.pad(targets, (0, pad)).reshape(-1, chunk),
+        jnp.pad(weights, (0, pad)).reshape(-1, chunk),
+    )
 
-    @jax.checkpoint
-    def chunk_loss(h, t, w):
-        logits = jnp.dot(h.astype(compute_dtype), head_c.T, preferred_element_type=jnp.float32)
-        logits = jnp.where(real_rows[None, :], logits, -jnp.inf)
-        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return jnp.sum(w * (jax.nn.logsumexp(logits, axis=-1) - target_logit))
+
+def _masked_logits(h, head, vocab_size, compute_dtype):
+    """(chunk, rows) float32 logits with the padding rows of the vocabulary at -inf."""
+    logits = jnp.dot(h.astype(compute_dtype), head.astype(compute_dtype).T, preferred_element_type=jnp.float32)
+    return jnp.where(jnp.arange(head.shape[0]) < vocab_size, logits, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def chunked_cross_entropy(hidden, head, targets, weights, vocab_size: int, chunk: int, compute_dtype=jnp.float32):
+    """Sum over tokens of weights * -log softmax(hidden @ head^T)[target].
+
+    hidden (N, D) float32, head (rows, D) with rows >= vocab_size (padding rows get no
+    probability and exactly zero gradient), targets (N,), weights (N,). Tokens go `chunk` at
+    a time, so at most one (chunk x rows) block of logits exists: the full (N x rows) logits
+    never do. Under differentiation the forward pass also forms both gradients from the
+    same block (softmax - one-hot, times the head / the hidden states), so the backward pass
+    only scales them: no logits are stored and none are recomputed. Evaluation, which does
+    not differentiate, computes the loss alone.
+    """
+    h_chunks, t_chunks, w_chunks = _chunked(hidden, targets, weights, chunk)
 
     def body(total, xs):
-        return total + chunk_loss(*xs), None
+        h, t, w = xs
+        logits = _masked_logits(h, head, vocab_size, compute_dtype)
+        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return total + jnp.sum(w * (jax.nn.logsumexp(logits, axis=-1) - target_logit)), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))
-    return total
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_chunks, t_chunks, w_chunks))[0]
+
+
+def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk, compute_dtype):
+    h_chunks, t_chunks, w_chunks = _chunked(hidden, targets, weights, chunk)
+    head_c = head.astype(compute_dtype)
+
+    def body(carry, xs):
+        total, head_grad = carry
+        h, t, w = xs
+        logits = _masked_logits(h, head, vocab_size, compute_dtype)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        # d loss / d logits = w * (softmax - one_hot(target))
+        logit_grad = jnp.exp(logits - lse[:, None]) * w[:, None]
+        logit_grad = logit_grad.at[jnp.arange(t.shape[0]), t].add(-w).astype(compute_dtype)
+        hidden_grad = jnp.dot(logit_grad, head_c, preferred_element_type=jnp.float32)
+        head_grad = head_grad + jnp.dot(logit_grad.T, h.astype(compute_dtype), preferred_element_type=jnp.float32)
+        return (total + jnp.sum(w * (lse - target_logit)), head_grad), hidden_grad
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
+    (total, head_grad), hidden_grad = jax.lax.scan(body, init, (h_chunks, t_chunks, w_chunks))
+    hidden_grad = hidden_grad.reshape(-1, hidden.shape[1])[: hidden.shape[0]]
+    return total, (hidden_grad, head_grad.astype(head.dtype))
+
+
+def _cross_entropy_backward(vocab_size, chunk, compute_dtype, residuals, cotangent):
+    del vocab_size, chunk, compute_dtype
+    hidden_grad, head_grad = residuals
+    # Targets are integers and weights are data: neither is differentiated.
+    return cotangent * hidden_grad, cotangent * head_grad, None, None
+
+
+chunked_cross_entropy.defvjp(_cross_entropy_with_grads, _cross_entropy_backward)
 
 
 def loss_sum_and_count(
