@@ -25,14 +25,21 @@ from absl import app, flags, logging
 
 from wake2vec.analysis import report
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to analyse; writes WORKDIR/analysis/.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to analyse (with --workdir); default the latest.")
-_POST = flags.DEFINE_string("post", None, "Trained table as .npy (rows x dims), instead of --workdir.")
-_PRE = flags.DEFINE_string("pre", None, "Pre-training table as .npy, same shape as --post; enables drift.")
-_BASE_VOCAB_SIZE = flags.DEFINE_integer("base_vocab_size", None, "With --post: rows [:N] are the base vocabulary.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "With --post: tokenizer directory, for token names.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory; default WORKDIR/analysis or <dir of --post>/analysis.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of every subsample; fixes the summary.")
+
+def define_flags() -> None:
+    """Defines this launcher's flags; called only when it runs, so importing it for its
+    functions (tests, other launchers) never collides with another launcher's flags."""
+    flags.DEFINE_string("workdir", None, "Training workdir to analyse; writes WORKDIR/analysis/.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to analyse (with --workdir); default the latest.")
+    flags.DEFINE_string("post", None, "Trained table as .npy (rows x dims), instead of --workdir.")
+    flags.DEFINE_string("pre", None, "Pre-training table as .npy, same shape as --post; enables drift.")
+    flags.DEFINE_integer("base_vocab_size", None, "With --post: rows [:N] are the base vocabulary.")
+    flags.DEFINE_string("tokenizer", None, "With --post: tokenizer directory, for token names.")
+    flags.DEFINE_string("out_dir", None, "Output directory; default WORKDIR/analysis or <dir of --post>/analysis.")
+    flags.DEFINE_integer("seed", 0, "Seed of every subsample; fixes the summary.")
+
+
+FLAGS = flags.FLAGS
 
 
 def load_table(path) -> np.ndarray:
@@ -107,17 +114,18 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if (_WORKDIR.value is None) == (_POST.value is None):
+    if (FLAGS.workdir is None) == (FLAGS.post is None):
         raise app.UsageError("give exactly one of --workdir or --post")
-    if _WORKDIR.value is not None:
-        summary = analyze_workdir(_WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value, seed=_SEED.value)
+    if FLAGS.workdir is not None:
+        summary = analyze_workdir(FLAGS.workdir, step=FLAGS.step, out_dir=FLAGS.out_dir, seed=FLAGS.seed)
     else:
-        if _BASE_VOCAB_SIZE.value is None:
+        if FLAGS.base_vocab_size is None:
             raise app.UsageError("--post needs --base_vocab_size (rows [:N] are the base vocabulary)")
-        summary = analyze_files(_POST.value, _BASE_VOCAB_SIZE.value, _OUT_DIR.value, pre_path=_PRE.value,
-                                tokenizer_dir=_TOKENIZER.value, seed=_SEED.value)
+        summary = analyze_files(FLAGS.post, FLAGS.base_vocab_size, FLAGS.out_dir, pre_path=FLAGS.pre,
+                                tokenizer_dir=FLAGS.tokenizer, seed=FLAGS.seed)
     logging.info("analysis written: %s", summary["meta"]["source"])
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

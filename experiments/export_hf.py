@@ -27,9 +27,16 @@ from absl import app, flags, logging
 
 from wake2vec import checkpoint, convert, vocab
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory (new or empty).", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest committed one.")
+
+def define_flags() -> None:
+    """Defines this launcher's flags; called only when it runs, so importing it for its
+    functions (tests, other launchers) never collides with another launcher's flags."""
+    flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
+    flags.DEFINE_string("out", None, "Output directory (new or empty).", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest committed one.")
+
+
+FLAGS = flags.FLAGS
 
 PROVENANCE = "wake2vec_export.json"
 
@@ -68,9 +75,10 @@ def export(workdir, out, step: int | None = None) -> int:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    step = export(_WORKDIR.value, _OUT.value, _STEP.value)
-    logging.info("exported step %d of %s to %s", step, _WORKDIR.value, _OUT.value)
+    step = export(FLAGS.workdir, FLAGS.out, FLAGS.step)
+    logging.info("exported step %d of %s to %s", step, FLAGS.workdir, FLAGS.out)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

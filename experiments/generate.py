@@ -30,28 +30,35 @@ from wake2vec.config import ModelConfig
 
 _STUDY = generate.GenerationSettings()
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; generations.md is written here.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to decode; default: the latest.")
-_MODEL = flags.DEFINE_string(
-    "model", "", "Decode this HF checkpoint directory instead of the workdir's trained model."
-)
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", "", "Tokenizer directory (save_pretrained); default: W/tokenizer, or the --model directory."
-)
-_PROMPT = flags.DEFINE_string("prompt", _STUDY.prompt, "Text to continue.")
-_TEMPERATURES = flags.DEFINE_string(
-    "temperatures", ",".join(f"{t:g}" for t in _STUDY.temperatures),
-    "Comma-separated temperatures, one section each; 0 is greedy.",
-)
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", _STUDY.max_new_tokens, "Tokens generated after the prompt.")
-_TOP_K = flags.DEFINE_integer("top_k", _STUDY.top_k, "Sample among the k most likely tokens; 0 disables.")
-_TOP_P = flags.DEFINE_float("top_p", _STUDY.top_p, "Nucleus sampling mass; 1 disables.")
-_REPETITION_PENALTY = flags.DEFINE_float(
-    "repetition_penalty", _STUDY.repetition_penalty,
-    "transformers' repetition penalty on ids already in the text; 1 disables.",
-)
-_SEED = flags.DEFINE_integer("seed", _STUDY.seed, "Sampling seed; the same seed writes the same file.")
-_COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "float32", "Matmul and KV-cache dtype: float32 | bfloat16.")
+
+def define_flags() -> None:
+    """Defines this launcher's flags; called only when it runs, so importing it for its
+    functions (tests, other launchers) never collides with another launcher's flags."""
+    flags.DEFINE_string("workdir", None, "Run directory; generations.md is written here.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to decode; default: the latest.")
+    flags.DEFINE_string(
+        "model", "", "Decode this HF checkpoint directory instead of the workdir's trained model."
+    )
+    flags.DEFINE_string(
+        "tokenizer", "", "Tokenizer directory (save_pretrained); default: W/tokenizer, or the --model directory."
+    )
+    flags.DEFINE_string("prompt", _STUDY.prompt, "Text to continue.")
+    flags.DEFINE_string(
+        "temperatures", ",".join(f"{t:g}" for t in _STUDY.temperatures),
+        "Comma-separated temperatures, one section each; 0 is greedy.",
+    )
+    flags.DEFINE_integer("max_new_tokens", _STUDY.max_new_tokens, "Tokens generated after the prompt.")
+    flags.DEFINE_integer("top_k", _STUDY.top_k, "Sample among the k most likely tokens; 0 disables.")
+    flags.DEFINE_float("top_p", _STUDY.top_p, "Nucleus sampling mass; 1 disables.")
+    flags.DEFINE_float(
+        "repetition_penalty", _STUDY.repetition_penalty,
+        "transformers' repetition penalty on ids already in the text; 1 disables.",
+    )
+    flags.DEFINE_integer("seed", _STUDY.seed, "Sampling seed; the same seed writes the same file.")
+    flags.DEFINE_string("compute_dtype", "float32", "Matmul and KV-cache dtype: float32 | bfloat16.")
+
+
+FLAGS = flags.FLAGS
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:
@@ -98,23 +105,24 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every input is a --flag")
     try:
         settings = generate.GenerationSettings(
-            prompt=_PROMPT.value, temperatures=parse_temperatures(_TEMPERATURES.value),
-            max_new_tokens=_MAX_NEW_TOKENS.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-            repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value,
+            prompt=FLAGS.prompt, temperatures=parse_temperatures(FLAGS.temperatures),
+            max_new_tokens=FLAGS.max_new_tokens, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+            repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed,
         )
-        compute_dtype = config.dtype_from_name(_COMPUTE_DTYPE.value)
+        compute_dtype = config.dtype_from_name(FLAGS.compute_dtype)
         cfg, params, step, tokenizer, source = load_model(
-            _WORKDIR.value, _STEP.value, _MODEL.value, _TOKENIZER.value
+            FLAGS.workdir, FLAGS.step, FLAGS.model, FLAGS.tokenizer
         )
     except (ValueError, FileNotFoundError) as err:
         raise app.UsageError(str(err)) from err
     out = generate.write_generations(
-        _WORKDIR.value, cfg, params, tokenizer,
+        FLAGS.workdir, cfg, params, tokenizer,
         step=step, settings=settings, source=source, compute_dtype=compute_dtype,
     )
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

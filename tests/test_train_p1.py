@@ -75,9 +75,10 @@ def test_max_steps_zero_prepares_and_exits(tmp_path):
 
 def test_changed_config_is_refused_then_accepted_with_the_flag(tmp_path):
     assert launch(tmp_path, "--max_steps=2", "--eval_every=2", "--save_every=2").returncode == 0
-    refused = launch(tmp_path, "--max_steps=4", "--eval_every=2", "--save_every=2", "--lr=0.01")
+    stored_lr = json.loads((tmp_path / "config.json").read_text())["flags"]["lr"]
+    refused = launch(tmp_path, "--max_steps=4", "--eval_every=2", "--save_every=2", f"--lr={stored_lr * 2}")
     assert refused.returncode != 0
-    assert "--lr: 0.003 -> 0.01" in refused.stderr and "--max_steps: 2 -> 4" in refused.stderr
+    assert f"--lr: {stored_lr!r} -> {stored_lr * 2!r}" in refused.stderr and "--max_steps: 2 -> 4" in refused.stderr
     accepted = launch(tmp_path, "--max_steps=4", "--eval_every=2", "--save_every=2", "--allow_config_change")
     assert accepted.returncode == 0, accepted.stderr[-3000:]
     config = json.loads((tmp_path / "config.json").read_text())

@@ -99,28 +99,34 @@ def row_norms(V) -> np.ndarray:
     return norms
 
 
-def row_cosines(A, B) -> np.ndarray:
-    """cos(A[i], B[i]) for every row i, float64; 0 where either row is zero."""
+def _per_row_pair(A, B, what: str, per_chunk) -> np.ndarray:
+    """per_chunk(A[rows], B[rows]) over row chunks, so memory stays bounded; float64 out."""
     A, B = _as_matrix(A, "A"), _as_matrix(B, "B")
     if A.shape != B.shape:
-        raise ValueError(f"row_cosines needs equal shapes, got {A.shape} and {B.shape}")
-    cosines = np.empty(A.shape[0], dtype=np.float64)
+        raise ValueError(f"{what} needs equal shapes, got {A.shape} and {B.shape}")
+    out = np.empty(A.shape[0], dtype=np.float64)
     for rows in _row_chunks(A.shape[0]):
-        dots = np.einsum("ij,ij->i", _unit_rows_float64(A[rows]), _unit_rows_float64(B[rows]))
-        cosines[rows] = np.clip(dots, -1.0, 1.0)
-    return cosines
+        out[rows] = per_chunk(A[rows], B[rows])
+    return out
+
+
+def row_cosines(A, B) -> np.ndarray:
+    """cos(A[i], B[i]) for every row i, float64; 0 where either row is zero."""
+
+    def cosines(a, b):
+        return np.clip(np.einsum("ij,ij->i", _unit_rows_float64(a), _unit_rows_float64(b)), -1.0, 1.0)
+
+    return _per_row_pair(A, B, "row_cosines", cosines)
 
 
 def row_distances(A, B) -> np.ndarray:
     """||A[i] - B[i]|| for every row i, float64."""
-    A, B = _as_matrix(A, "A"), _as_matrix(B, "B")
-    if A.shape != B.shape:
-        raise ValueError(f"row_distances needs equal shapes, got {A.shape} and {B.shape}")
-    distances = np.empty(A.shape[0], dtype=np.float64)
-    for rows in _row_chunks(A.shape[0]):
-        diff = A[rows].astype(np.float64) - B[rows].astype(np.float64)
-        distances[rows] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-    return distances
+
+    def distances(a, b):
+        diff = a.astype(np.float64) - b.astype(np.float64)
+        return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+    return _per_row_pair(A, B, "row_distances", distances)
 
 
 # ---------------------------------------------------------------------------------------
