@@ -36,7 +36,7 @@ def final_table(workdir: pathlib.Path) -> np.ndarray:
 
 
 def test_demo_run_leaves_a_complete_workdir(tmp_path):
-    out = launch(tmp_path, "--max_steps=6", "--eval_every=3", "--save_every=3")
+    out = launch(tmp_path, "--max_steps=6", "--eval_every=3", "--save_every=3", "--snapshot_every=3")
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["flags"]["max_steps"] == 6 and config["flags"]["seq_len"] == 32
@@ -56,6 +56,9 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     trained = final_table(tmp_path)
     assert trained.shape == pre.shape and np.abs(trained - pre).max() > 0
+    snapshots = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert snapshots == ["embeddings_step_3.npy", "embeddings_step_6.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "snapshots" / "embeddings_step_6.npy"), trained)
 
     analysed = subprocess.run([sys.executable, "-m", "experiments.analyze", f"--workdir={tmp_path}"],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
