@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -68,8 +69,6 @@ def save_checkpoint(model, directory: pathlib.Path, *, fmt: str = "safetensors")
     return directory
 
 
-def hf_logits(model, ids) -> "np.ndarray":  # noqa: F821
-    import numpy as np
-
+def hf_logits(model, ids) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(ids))).logits.numpy()

@@ -188,7 +188,7 @@ def test_train_batch_is_a_pure_function_of_seed_and_step():
 
 
 def test_train_batch_epochs_visit_every_block_once():
-    n, per_step = 10, 6  # epochs end mid-step, so steps straddle epoch boundaries
+    n = 10  # with 2 x 3 = 6 samples per step, epochs end mid-step: steps straddle epoch boundaries
     blocks = np.arange(n)[:, None]
     samples = np.concatenate(
         [data.train_batch(blocks, s, seed=0, batch_size=2, grad_accum=3).ravel() for s in range(5)]

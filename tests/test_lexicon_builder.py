@@ -182,7 +182,7 @@ def test_read_frequency_list(tmp_path):
 def test_read_frequency_list_names_the_bad_line(tmp_path, bad_line):
     path = tmp_path / "freq.txt"
     path.write_text(f"the\t1000\n{bad_line}\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"freq\.txt:2: expected 'word<TAB>count'"):
+    with pytest.raises(ValueError, match=r"freq\.txt:2: expected 'word<TAB>count'"):
         lexicon_builder.read_frequency_list(path)
 
 

@@ -23,7 +23,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from wake2vec import checkpoint, data, optim, parallel, prepare, train, workdir as records
@@ -250,7 +249,7 @@ def _snapshot(workdir: pathlib.Path, state: train.TrainState, vocab_size: int, s
     directory = workdir / "snapshots"
     directory.mkdir(exist_ok=True)
     table = np.asarray(jax.device_get(state.trainable["embedding"]))[:vocab_size]
-    prepare._atomic_save_npy(directory / f"embeddings_step_{step}.npy", table)
+    records.atomic_save_npy(directory / f"embeddings_step_{step}.npy", table)
 
 
 def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.PreparedRun) -> None:

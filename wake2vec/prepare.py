@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import hashlib
 import logging
-import os
 import pathlib
 
 import numpy as np
@@ -113,12 +112,6 @@ def _grow(table: np.ndarray, stats: vocab.VocabStats, cfg: TrainConfig, seed: in
     )
 
 
-def _atomic_save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def prepare(cfg: TrainConfig) -> PreparedRun:
     validate_flags(cfg)
     workdir = pathlib.Path(cfg.workdir)
@@ -173,7 +166,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         trainable["lm_head"] = {"kernel": np.ascontiguousarray(_grow(base_head, vocab_stats, cfg, cfg.seed + 1, piece_ids).T)}
 
     if stored is None or not (workdir / EMBEDDINGS_PRE).is_file():
-        _atomic_save_npy(workdir / EMBEDDINGS_PRE, table)
+        records.atomic_save_npy(workdir / EMBEDDINGS_PRE, table)
 
     model_cfg = source_cfg.replace(vocab_size=vocab_stats.total, tie_word_embeddings=cfg.tie_embeddings)
     record = {

@@ -42,6 +42,14 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_npy(path: pathlib.Path, array) -> None:
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
 def library_versions() -> dict[str, str]:
     import flax
     import jax
