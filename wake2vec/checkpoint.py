@@ -591,5 +591,5 @@ def load_params(workdir, step: int | None = None, *, as_numpy: bool = False) -> 
         params["lm_head"] = {"kernel": trainable["lm_head"]["kernel"][:, :total]}
     cfg = source_cfg.replace(vocab_size=total, tie_word_embeddings=tied)
     if not as_numpy:
-        params = jax.tree_util.tree_map(jnp.asarray, params)
+        params = convert.to_device(params)
     return cfg, params, step
