@@ -181,14 +181,13 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(train.make_eval_step(settings))
-    eval_batch = cfg.batch_size
+    eval_ids_sharding, eval_weights_sharding = parallel.batch_sharding(mesh, 2, 0), parallel.batch_sharding(mesh, 1, 0)
 
     def evaluate(trainable_now) -> float:
         total, count = 0.0, 0.0
-        for ids, weights in _eval_batches(prepared.val_blocks, eval_batch, cfg.eval_blocks):
-            loss_sum, n = eval_fn(trainable_now, frozen,
-                                  jax.device_put(ids, parallel.batch_sharding(mesh, 2, 0)),
-                                  jax.device_put(weights, parallel.batch_sharding(mesh, 1, 0)))
+        for ids, weights in _eval_batches(prepared.val_blocks, cfg.batch_size, cfg.eval_blocks):
+            loss_sum, n = eval_fn(trainable_now, frozen, jax.device_put(ids, eval_ids_sharding),
+                                  jax.device_put(weights, eval_weights_sharding))
             total, count = total + float(loss_sum), count + float(n)
         return total / count
 
@@ -226,7 +225,9 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
             if save_now:
                 ckpt.save(state, val_loss=val_loss)
             if cfg.snapshot_every and done % cfg.snapshot_every == 0:
-                _snapshot(workdir, state, prepared.model_cfg.vocab_size, done)
+                snapshots = workdir / "snapshots"
+                snapshots.mkdir(exist_ok=True)
+                records.atomic_save_npy(snapshots / f"embeddings_step_{done}.npy", _trained_table(state, prepared))
     finally:
         ckpt.wait()
         ckpt.close()
@@ -234,19 +235,16 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
         records.write_loss_table(workdir, events)
         records.write_loss_curve(workdir, events)
 
-    final_table = np.asarray(jax.device_get(state.trainable["embedding"]))[: prepared.model_cfg.vocab_size]
     if cfg.analyze:
-        _analyze(workdir, final_table, prepared)
+        _analyze(workdir, _trained_table(state, prepared), prepared)
     if cfg.generate_at_end:
         _generate(workdir, prepared, state, frozen)
     return RunResult(workdir, cfg.max_steps, progress.last_train, last_val)
 
 
-def _snapshot(workdir: pathlib.Path, state: train.TrainState, vocab_size: int, step: int) -> None:
-    directory = workdir / "snapshots"
-    directory.mkdir(exist_ok=True)
-    table = np.asarray(jax.device_get(state.trainable["embedding"]))[:vocab_size]
-    records.atomic_save_npy(directory / f"embeddings_step_{step}.npy", table)
+def _trained_table(state: train.TrainState, prepared: prepare.PreparedRun) -> np.ndarray:
+    """The table on the host, padding rows cut: the (vocab, D) matrix the analysis reads."""
+    return np.asarray(jax.device_get(state.trainable["embedding"]))[: prepared.model_cfg.vocab_size]
 
 
 def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.PreparedRun) -> None:
@@ -261,5 +259,7 @@ def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.Prepare
 def _generate(workdir: pathlib.Path, prepared: prepare.PreparedRun, state: train.TrainState, frozen: dict) -> None:
     from wake2vec import generate
 
-    params = {**jax.device_get(frozen), **jax.device_get(state.trainable)}
+    # The arrays stay where they are: the model reads padded tables (it cuts logits to the
+    # vocabulary), so nothing needs copying to the host and back.
+    params = {**frozen, **state.trainable}
     generate.write_generations(workdir, prepared.model_cfg, params, prepared.tokenizer, step=int(state.step), demo=True)
