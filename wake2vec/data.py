@@ -27,6 +27,8 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
+from wake2vec import workdir as records
+
 
 class CorpusError(ValueError):
     """The corpus (or a setting that depends on it) cannot produce training blocks."""
@@ -116,7 +118,7 @@ def read_corpus(path: str | os.PathLike, *, strip_banners: bool = True, start_ma
 _TOKENIZE_SETTINGS = {"add_special_tokens": False, "whole_text": True, "dtype": "int32", "format": 1}
 
 
-def _backend(tokenizer):
+def tokenizers_backend(tokenizer):
     """The `tokenizers.Tokenizer` inside a transformers fast tokenizer (or the object itself)."""
     return getattr(tokenizer, "backend_tokenizer", tokenizer)
 
@@ -128,7 +130,7 @@ def corpus_cache_key(tokenizer, text: str) -> str:
     written with a different lexicon or base tokenizer can never be picked up.
     """
     h = hashlib.sha256()
-    for part in (_backend(tokenizer).to_str(), text, json.dumps(_TOKENIZE_SETTINGS, sort_keys=True)):
+    for part in (tokenizers_backend(tokenizer).to_str(), text, json.dumps(_TOKENIZE_SETTINGS, sort_keys=True)):
         h.update(part.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()
@@ -152,13 +154,11 @@ def tokenize_corpus(tokenizer, text: str, *, cache_dir: str | os.PathLike | None
         if cache_path.is_file():
             logging.info("corpus token ids read from cache %s", cache_path)
             return np.load(cache_path)
-    ids = np.asarray(_backend(tokenizer).encode(text, add_special_tokens=False).ids, dtype=np.int32)
+    ids = np.asarray(tokenizers_backend(tokenizer).encode(text, add_special_tokens=False).ids, dtype=np.int32)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: a run killed mid-write must not leave a truncated cache behind.
-        tmp = cache_path.with_name(f"{cache_path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, ids)
-        os.replace(tmp, cache_path)
+        # A run killed mid-write must not leave a truncated cache behind.
+        records.atomic_save_npy(cache_path, ids)
         logging.info("corpus token ids (%d) cached in %s", ids.size, cache_path)
     return ids
 

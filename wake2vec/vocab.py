@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from transformers import PreTrainedTokenizerFast
 
-from wake2vec.data import read_utf8
+from wake2vec.data import read_utf8, tokenizers_backend
 
 
 class LexiconError(ValueError):
@@ -224,9 +224,8 @@ def subword_piece_ids(base_tokenizer, words: Sequence[str]) -> list[list[int]]:
     remain: it carries no lexical content, and keeping it would pull all such words toward
     one shared vector.
     """
-    backend = getattr(base_tokenizer, "backend_tokenizer", base_tokenizer)
     pieces = []
-    for word, enc in zip(words, backend.encode_batch(list(words), add_special_tokens=False)):
+    for word, enc in zip(words, tokenizers_backend(base_tokenizer).encode_batch(list(words), add_special_tokens=False)):
         ids, tokens = list(enc.ids), enc.tokens
         if len(ids) > 1 and tokens[0] == _BOUNDARY:
             ids = ids[1:]

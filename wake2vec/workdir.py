@@ -43,9 +43,10 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
 
 
 def atomic_save_npy(path: pathlib.Path, array) -> None:
+    """np.save to a per-process temporary name, then rename: readers never see half a file."""
     import numpy as np
 
-    tmp = path.with_name(path.name + ".tmp.npy")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
 
