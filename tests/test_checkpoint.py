@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 
-from experiments.checkpoint_size import tinyllama_state
+from benchmarks.checkpoint_size import tinyllama_state
 from wake2vec import checkpoint, model, optim, train
 from wake2vec.checkpoint import CheckpointDiskFullError, CheckpointError, Checkpointer
 from wake2vec.config import ModelConfig, TrainConfig
@@ -142,7 +142,7 @@ _SHARDED_SAVER = """
 import pathlib, sys
 import jax
 from jax.sharding import PartitionSpec as P
-from experiments.checkpoint_size import tinyllama_state
+from benchmarks.checkpoint_size import tinyllama_state
 from wake2vec import checkpoint, parallel, train
 
 directory = pathlib.Path(sys.argv[1])
@@ -254,7 +254,7 @@ def test_save_of_a_committed_step_is_a_no_op_and_of_an_older_step_an_error(tmp_p
 # exact moment: a kill "somewhere in a save" would make the test depend on timing.
 _KILLED_SAVER = """
 import pathlib, sys, time
-from experiments.checkpoint_size import tinyllama_state
+from benchmarks.checkpoint_size import tinyllama_state
 from wake2vec import checkpoint
 
 directory, where, marker = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])

@@ -13,10 +13,10 @@ import pytest
 import tokenizers
 import transformers
 
-from wake2vec import demo_tokenizer
+from wake2vec.demo import tokenizer as demo_tokenizer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLE = REPO_ROOT / "wake2vec" / "demo_data" / "sample.txt"
+SAMPLE = REPO_ROOT / "wake2vec" / "demo" / "data" / "sample.txt"
 
 # Lines with accents, inner apostrophes and hyphens, runs of spaces, a newline, and characters
 # the sample never uses (CJK, an emoji, a German sharp s), which must go through byte fallback.
@@ -111,7 +111,7 @@ def test_same_text_same_tokenizer_across_processes(tok, sample_text):
     # A fresh interpreter has different hash seeds: training must not depend on them.
     script = (
         "import hashlib, pathlib\n"
-        "from wake2vec import demo_tokenizer\n"
+        "from wake2vec.demo import tokenizer as demo_tokenizer\n"
         f"text = pathlib.Path({str(SAMPLE)!r}).read_text(encoding='utf-8')\n"
         "tok = demo_tokenizer.train_demo_tokenizer(text)\n"
         "print(hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest())\n"

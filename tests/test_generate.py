@@ -20,7 +20,7 @@ import pytest
 
 from tests.hf_oracle import hf_llama, save_checkpoint, torch, transformers
 from wake2vec import convert, generate, model, vocab
-from wake2vec.demo_tokenizer import train_demo_tokenizer
+from wake2vec.demo.tokenizer import train_demo_tokenizer
 from experiments import generate as generate_cli
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

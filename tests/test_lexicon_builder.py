@@ -13,11 +13,12 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 import transformers
 
-from wake2vec import demo_tokenizer, lexicon_builder
+from wake2vec import lexicon_builder
+from wake2vec.demo import tokenizer as demo_tokenizer
 from wake2vec.lexicon_builder import LexiconEntry, build_lexicon, count_words, extract_words
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLE = REPO_ROOT / "wake2vec" / "demo_data" / "sample.txt"
+SAMPLE = REPO_ROOT / "wake2vec" / "demo" / "data" / "sample.txt"
 
 
 def pieces_from(table: dict[str, int]):

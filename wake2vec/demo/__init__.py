@@ -3,7 +3,7 @@
 It builds the same kinds of inputs a real run takes and hands them to the real pipeline:
 
 * a base tokenizer trained at run time on the bundled sample text (Llama-like BPE with
-  metaspace pieces and byte fallback; wake2vec.demo_tokenizer),
+  metaspace pieces and byte fallback; wake2vec.demo.tokenizer),
 * a small Llama with seeded random weights, written as a HF checkpoint directory and then
   read back through `convert.load_hf`, exactly as TinyLlama would be,
 * a lexicon of the sample's coinages chosen by the lexicon builder,
@@ -24,7 +24,7 @@ import jax
 from wake2vec import convert, lexicon_builder, model
 from wake2vec.config import ModelConfig, TrainConfig
 
-SAMPLE_TEXT = pathlib.Path(__file__).parent / "demo_data" / "sample.txt"
+SAMPLE_TEXT = pathlib.Path(__file__).parent / "data" / "sample.txt"
 DEMO_TOKENIZER_VOCAB = 1024
 
 # Schedule for the demo; any flag the user sets explicitly overrides its entry here.
@@ -74,7 +74,7 @@ def build_sources(workdir: pathlib.Path, seed: int) -> DemoSources:
     Existing files are reused, so a resumed demo reads the very same frozen body; the
     training launcher checks its content hash like any other source.
     """
-    from wake2vec.demo_tokenizer import train_demo_tokenizer
+    from wake2vec.demo.tokenizer import train_demo_tokenizer
 
     root = workdir / "demo_sources"
     model_dir = root / "base_model"

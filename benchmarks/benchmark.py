@@ -1,7 +1,7 @@
 """The Phase 1 train step, wake2vec against the original pipeline's, side by side.
 
-    python -m experiments.benchmark                     # CPU, the vocab-heavy default shape
-    python -m experiments.benchmark --shape=tinyllama --frozen_dtype=bfloat16 --compute_dtype=bfloat16  # GPU
+    python -m benchmarks.benchmark                     # CPU, the vocab-heavy default shape
+    python -m benchmarks.benchmark --shape=tinyllama --frozen_dtype=bfloat16 --compute_dtype=bfloat16  # GPU
 
 Contenders, same shape, same random token batch, same machine, in one process:
 

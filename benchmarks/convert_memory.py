@@ -1,6 +1,6 @@
 """Peak host memory of convert.load_hf on a TinyLlama-shaped random checkpoint.
 
-    python -m experiments.convert_memory [--dir=/tmp/tinyllama_shape] [--keep]
+    python -m benchmarks.convert_memory [--dir=/tmp/tinyllama_shape] [--keep]
 
 Writes a random fp32 checkpoint with TinyLlama-1.1B's shapes (22 layers, hidden 2048,
 MLP 5632, 32 heads, 4 KV heads, vocab 32,000, untied), then loads it in a fresh

@@ -1,6 +1,6 @@
 """Bytes on disk of one checkpoint of a TinyLlama-sized run, against the table's bytes.
 
-    python -m experiments.checkpoint_size [--dir=/tmp/wake2vec_checkpoint_size] [--keep]
+    python -m benchmarks.checkpoint_size [--dir=/tmp/wake2vec_checkpoint_size] [--keep]
 
 Builds the state a Phase 1 run checkpoints, without the model: the padded, tied table
 (76,544 x 2,048 fp32, TinyLlama's 76,500 tokens padded to a multiple of 128), and the

@@ -1,7 +1,7 @@
 """Regenerates README.md's table of train_p1 flags from the absl definitions.
 
-    python -m experiments.flag_table          # rewrite the table in README.md
-    python -m experiments.flag_table --check  # exit 1 if README.md is out of date
+    python -m tools.flag_table          # rewrite the table in README.md
+    python -m tools.flag_table --check  # exit 1 if README.md is out of date
 
 The table sits between the markers below; tests/test_docs.py fails when it drifts.
 """
@@ -29,7 +29,7 @@ def main() -> int:
     updated = render(current)
     if "--check" in sys.argv[1:]:
         if updated != current:
-            print("README.md's flag table is out of date: run python -m experiments.flag_table", file=sys.stderr)
+            print("README.md's flag table is out of date: run python -m tools.flag_table", file=sys.stderr)
             return 1
         return 0
     README.write_text(updated, encoding="utf-8")

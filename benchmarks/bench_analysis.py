@@ -1,6 +1,6 @@
 """Times the embedding analysis on a TinyLlama-sized table and reports peak memory.
 
-    python -m experiments.bench_analysis [--rows=76500 --dims=2048 --base_vocab_size=32000]
+    python -m benchmarks.bench_analysis [--rows=76500 --dims=2048 --base_vocab_size=32000]
 
 Builds a random float32 table shaped like the reference run's (76,500 x 2048, 32,000 base
 rows) with a structure loosely like a trained one (a common mean offset, per-dimension

@@ -1,6 +1,6 @@
 r"""Decode speed of wake2vec.generate, and what the KV cache buys.
 
-    python -m experiments.bench_decode [--hidden=512 --layers=8 --heads=8 --kv_heads=2 \
+    python -m benchmarks.bench_decode [--hidden=512 --layers=8 --heads=8 --kv_heads=2 \
         --vocab=32000 --prompt_len=100 --new_tokens=1000 --cache_len=1200 --repeats=20]
 
 On a random mid-size Llama (batch 1) it reports:
