@@ -49,6 +49,7 @@ from orbax.checkpoint import checkpoint_managers
 from wake2vec import convert
 from wake2vec import workdir as records
 from wake2vec.config import ModelConfig
+from wake2vec.errors import UserError
 from wake2vec.train import TrainState
 
 CHECKPOINTS = "checkpoints"
@@ -61,7 +62,7 @@ TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
 METADATA_ALLOWANCE = 1 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or read; the message says which and what to do."""
 
 

@@ -19,8 +19,10 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from wake2vec.errors import UserError
 
-class UnsupportedConfigError(ValueError):
+
+class UnsupportedConfigError(UserError, ValueError):
     """A checkpoint uses a feature the Flax Llama does not implement."""
 
 

@@ -30,11 +30,12 @@ import ml_dtypes
 import numpy as np
 
 from wake2vec.config import ModelConfig
+from wake2vec.errors import UserError
 
 Params = dict[str, Any]
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A checkpoint directory or weight file is missing, malformed or disagrees with its config."""
 
 

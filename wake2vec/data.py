@@ -28,9 +28,10 @@ import numpy as np
 from absl import logging
 
 from wake2vec import workdir as records
+from wake2vec.errors import UserError
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """The corpus (or a setting that depends on it) cannot produce training blocks."""
 
 

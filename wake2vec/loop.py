@@ -27,9 +27,10 @@ import numpy as np
 
 from wake2vec import checkpoint, convert, data, optim, parallel, prepare, train, workdir as records
 from wake2vec.config import TrainConfig, dtype_from_name
+from wake2vec.errors import UserError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 

@@ -21,12 +21,13 @@ import numpy as np
 
 from wake2vec import convert, data, demo, vocab, workdir as records
 from wake2vec.config import DEMO_SOURCE, ModelConfig, TrainConfig, dtype_from_name
+from wake2vec.errors import UserError
 from wake2vec.model import REMAT_POLICIES
 
 EMBEDDINGS_PRE = "embeddings_pre.npy"
 
 
-class SourceChangedError(ValueError):
+class SourceChangedError(UserError, ValueError):
     """The frozen body, corpus or lexicon differs from what the workdir's run started with."""
 
 

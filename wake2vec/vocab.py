@@ -28,13 +28,14 @@ from absl import logging
 from transformers import PreTrainedTokenizerFast
 
 from wake2vec.data import read_utf8, tokenizers_backend
+from wake2vec.errors import UserError
 
 
-class LexiconError(ValueError):
+class LexiconError(UserError, ValueError):
     """The lexicon file cannot be used (missing, not UTF-8, malformed, empty)."""
 
 
-class VocabError(ValueError):
+class VocabError(UserError, ValueError):
     """The tokenizer cannot be loaded or augmented, or does not fit the model."""
 
 

@@ -22,6 +22,7 @@ import sys
 from typing import Any, Iterable
 
 from wake2vec.config import TrainConfig
+from wake2vec.errors import UserError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -32,7 +33,7 @@ LOSS_CURVE = "loss_curve.png"
 NON_SEMANTIC_FLAGS = frozenset({"workdir", "analyze", "generate_at_end", "allow_config_change", "distributed"})
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
     """A rerun on an existing workdir asks for different settings."""
 
 
