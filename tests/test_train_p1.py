@@ -48,8 +48,13 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     events = read_jsonl(tmp_path / "metrics.jsonl")
     train_events = [e for e in events if "train_loss" in e]
     assert [e["step"] for e in train_events] == [2, 3, 4, 6]  # every log step, plus every save step
-    assert all(set(e) == {"step", "train_loss", "lr", "tokens_per_s"} for e in train_events)
+    timing = {"step", "train_loss", "lr", "tokens_per_s", "step_s"}
+    assert set(train_events[0]) == timing | {"compile_s"}  # compilation is reported once, apart
+    assert all(set(e) == timing for e in train_events[1:])
+    assert all(e["tokens_per_s"] == 2 * 2 * 32 / e["step_s"] for e in train_events)  # the step's own rate
     assert [e["step"] for e in events if "val_loss" in e] == [0, 3, 6]
+    assert all(e["eval_s"] > 0 for e in events if "val_loss" in e)
+    assert [e["step"] for e in events if "save_s" in e] == [3, 6]
     table = (tmp_path / "loss_table.md").read_text().splitlines()
     assert table[0] == "| Step | Training Loss | Validation Loss |" and len(table) == 5
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
@@ -126,7 +131,8 @@ def test_sigkill_after_a_commit_then_resume_is_bit_identical(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from the committed checkpoint" in resumed.stderr
     np.testing.assert_array_equal(final_table(killed), final_table(whole))
-    strip = lambda events: [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in events]  # noqa: E731
+    timings = {"tokens_per_s", "step_s", "eval_s", "save_s", "compile_s"}
+    strip = lambda events: [{k: v for k, v in e.items() if k not in timings} for e in events]  # noqa: E731
     assert strip(read_jsonl(killed / "metrics.jsonl")) == strip(read_jsonl(whole / "metrics.jsonl"))
     assert (killed / "loss_table.md").read_text() == (whole / "loss_table.md").read_text()
 

@@ -63,29 +63,52 @@ def _eval_batches(val_blocks: np.ndarray, batch: int, max_blocks: int):
 
 
 class _Progress:
-    """Tracks the log window and prints step, losses, tokens/s and ETA."""
+    """Tracks the log window and prints step, losses, the step's own throughput and the ETA.
 
-    def __init__(self, cfg: TrainConfig, start_step: int, tokens_per_step: int):
+    Every duration is measured around a call that blocks on its result, and each kind is
+    kept apart: the step time covers building the batch through the step's outputs being
+    ready, so compilation (timed once, ahead of time), evaluation and checkpoint saves never
+    leak into tokens/s, as they did when the rate was the log window's wall time.
+    """
+
+    def __init__(self, cfg: TrainConfig, tokens_per_step: int, compile_s: float):
         self.cfg, self.tokens_per_step = cfg, tokens_per_step
         self.window_losses: list[float] = []
-        self.window_start = time.perf_counter()
-        self.run_start, self.run_start_step = self.window_start, start_step
+        self.window_step_s: list[float] = []
+        self.run_step_s: list[float] = []
+        self.compile_s: float | None = compile_s  # reported once, with this run's first log event
+        self.eval_s = self.save_s = 0.0  # the latest of each, for the ETA
         self.last_train: float | None = None
         self.prev_eval: tuple[float, float | None] | None = None
 
-    def flush(self, step: int, lr: float) -> dict:
-        now = time.perf_counter()
-        mean = float(np.mean(self.window_losses))
-        tokens_per_s = self.tokens_per_step * len(self.window_losses) / max(now - self.window_start, 1e-9)
-        done = step - self.run_start_step
-        eta = (now - self.run_start) / max(done, 1) * (self.cfg.max_steps - step)
-        logging.info("step %d/%d  train_loss %.4f  lr %.3g  %.0f tokens/s  ETA %s",
-                     step, self.cfg.max_steps, mean, lr, tokens_per_s, _duration(eta))
-        self.window_losses, self.window_start, self.last_train = [], now, mean
-        return {"step": step, "train_loss": mean, "lr": lr, "tokens_per_s": tokens_per_s}
+    def note_step(self, loss: float, seconds: float) -> None:
+        self.window_losses.append(loss)
+        self.window_step_s.append(seconds)
+        self.run_step_s.append(seconds)
 
-    def note_eval(self, step: int, val_loss: float) -> None:
-        logging.info("step %d  val_loss %.4f", step, val_loss)
+    def flush(self, step: int, lr: float) -> dict:
+        mean = float(np.mean(self.window_losses))
+        step_s = float(np.mean(self.window_step_s))
+        tokens_per_s = self.tokens_per_step / max(step_s, 1e-9)
+        logging.info("step %d/%d  train_loss %.4f  lr %.3g  %.2f s/step  %.0f tokens/s  ETA %s",
+                     step, self.cfg.max_steps, mean, lr, step_s, tokens_per_s, _duration(self.eta(step)))
+        event = {"step": step, "train_loss": mean, "lr": lr, "tokens_per_s": tokens_per_s, "step_s": step_s}
+        if self.compile_s is not None:
+            event["compile_s"], self.compile_s = self.compile_s, None
+        self.window_losses, self.window_step_s, self.last_train = [], [], mean
+        return event
+
+    def eta(self, step: int) -> float:
+        """Remaining steps at this run's median step time, plus the evals and saves still due
+        at their latest measured cost (the median: a step slowed by a busy host is not the rate)."""
+        remaining = range(step + 1, self.cfg.max_steps + 1)
+        evals = sum(1 for s in remaining if s % self.cfg.eval_every == 0 or s == self.cfg.max_steps)
+        saves = sum(1 for s in remaining if s % self.cfg.save_every == 0 or s == self.cfg.max_steps)
+        return len(remaining) * float(np.median(self.run_step_s)) + evals * self.eval_s + saves * self.save_s
+
+    def note_eval(self, step: int, val_loss: float, seconds: float) -> dict:
+        self.eval_s = seconds
+        logging.info("step %d  val_loss %.4f  (eval %.2f s)", step, val_loss, seconds)
         if self.prev_eval is not None:
             prev_val, prev_train = self.prev_eval
             if val_loss > prev_val and self.last_train is not None and prev_train is not None and self.last_train < prev_train:
@@ -94,6 +117,20 @@ class _Progress:
                     "the memorisation gap Phase 1 produces by design; training continues",
                     step, prev_val, val_loss, prev_train, self.last_train)
         self.prev_eval = (val_loss, self.last_train)
+        return {"step": step, "val_loss": val_loss, "eval_s": seconds}
+
+    def note_save(self, step: int, seconds: float) -> dict:
+        self.save_s = seconds
+        logging.info("step %d  checkpoint save started (%.2f s blocking; it commits in the background)", step, seconds)
+        return {"step": step, "save_s": seconds}
+
+
+def _timed(fn, *args):
+    """(fn(*args), seconds), blocking on the result so that asynchronous dispatch is not
+    mistaken for speed."""
+    started = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - started
 
 
 def _duration(seconds: float) -> str:
@@ -184,6 +221,20 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     eval_fn = jax.jit(train.make_eval_step(settings))
     eval_ids_sharding, eval_weights_sharding = parallel.batch_sharding(mesh, 2, 0), parallel.batch_sharding(mesh, 1, 0)
 
+    # Both programs are compiled ahead of time, so that their compile time is measured and
+    # reported as such instead of inflating the first step and the first evaluation.
+    compile_started = time.perf_counter()
+    batch_shape = (cfg.grad_accum, cfg.batch_size, cfg.seq_len)
+    step_fn = step_fn.lower(state, frozen, jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)).compile()
+    step_compile_s = time.perf_counter() - compile_started
+    eval_fn = eval_fn.lower(
+        state.trainable, frozen,
+        jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32, sharding=eval_ids_sharding),
+        jax.ShapeDtypeStruct((cfg.batch_size,), np.float32, sharding=eval_weights_sharding),
+    ).compile()
+    compile_s = time.perf_counter() - compile_started
+    logging.info("compiled the train step in %.1f s and the eval step in %.1f s", step_compile_s, compile_s - step_compile_s)
+
     def evaluate(trainable_now) -> float:
         total, count = 0.0, 0.0
         for ids, weights in _eval_batches(prepared.val_blocks, cfg.batch_size, cfg.eval_blocks):
@@ -193,17 +244,18 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
         return total / count
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    progress = _Progress(cfg, start, tokens_per_step)
+    progress = _Progress(cfg, tokens_per_step, compile_s)
     last_val = None
     if start == 0 and not records.read_metrics(workdir):
-        last_val = evaluate(state.trainable)
-        records.append_metrics(workdir, {"step": 0, "val_loss": last_val})
-        progress.note_eval(0, last_val)
+        last_val, eval_s = _timed(evaluate, state.trainable)
+        records.append_metrics(workdir, progress.note_eval(0, last_val, eval_s))
 
     try:
         for step in range(start, cfg.max_steps):
+            started = time.perf_counter()
             batch = data.train_batch(prepared.train_blocks, step, seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
-            state, metrics = step_fn(state, frozen, jax.device_put(batch, batch_sharding))
+            state, metrics = jax.block_until_ready(step_fn(state, frozen, jax.device_put(batch, batch_sharding)))
+            step_s = time.perf_counter() - started
             loss = float(metrics["loss"])
             done = step + 1
             if not math.isfinite(loss):
@@ -213,18 +265,19 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
                     f"step {done}: training loss is {loss}. Nothing from this step was saved; the last good checkpoint "
                     f"is step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
                     "(fp16 overflows easily), then rerun the same command to resume from it")
-            progress.window_losses.append(loss)
+            progress.note_step(loss, step_s)
             is_last = done == cfg.max_steps
             save_now = done % cfg.save_every == 0 or is_last
             if done % cfg.log_every == 0 or save_now:
                 records.append_metrics(workdir, progress.flush(done, float(metrics["lr"])))
             val_loss = None
             if done % cfg.eval_every == 0 or is_last:
-                val_loss = last_val = evaluate(state.trainable)
-                records.append_metrics(workdir, {"step": done, "val_loss": val_loss})
-                progress.note_eval(done, val_loss)
+                val_loss, eval_s = _timed(evaluate, state.trainable)
+                last_val = val_loss
+                records.append_metrics(workdir, progress.note_eval(done, val_loss, eval_s))
             if save_now:
-                ckpt.save(state, val_loss=val_loss)
+                _, save_s = _timed(lambda: ckpt.save(state, val_loss=val_loss))
+                records.append_metrics(workdir, progress.note_save(done, save_s))
             if cfg.snapshot_every and done % cfg.snapshot_every == 0:
                 snapshots = workdir / "snapshots"
                 snapshots.mkdir(exist_ok=True)
