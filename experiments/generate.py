@@ -14,7 +14,8 @@ read beside the trained one. The prompt is encoded with the tokenizer's special 
 tokenizer is loaded as training loads it (wake2vec.vocab.load_base_tokenizer).
 
 Writes W/generations.md (wake2vec.generate.write_generations): the prompt and settings,
-then one section per temperature (0 means greedy); prints one line per temperature.
+then one section per temperature and sample (0 means greedy) with the sample's key, and
+W/generations.json with the same samples, keys and token ids; prints one line per sample.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def define_flags() -> None:
         "transformers' repetition penalty on ids already in the text; 1 disables.",
     )
     flags.DEFINE_integer("seed", _STUDY.seed, "Sampling seed; the same seed writes the same file.")
+    flags.DEFINE_integer("samples", _STUDY.samples, "Samples per temperature, each with its own recorded key.")
     flags.DEFINE_string("compute_dtype", "float32", "Matmul and KV-cache dtype: float32 | bfloat16.")
 
 
@@ -107,7 +109,7 @@ def main(argv: Sequence[str]) -> None:
         settings = generate.GenerationSettings(
             prompt=FLAGS.prompt, temperatures=parse_temperatures(FLAGS.temperatures),
             max_new_tokens=FLAGS.max_new_tokens, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-            repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed,
+            repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed, samples=FLAGS.samples,
         )
         compute_dtype = config.dtype_from_name(FLAGS.compute_dtype)
         cfg, params, step, tokenizer, source = load_model(

@@ -9,11 +9,13 @@ with a full (cache-free) forward pass.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -203,6 +205,7 @@ def test_parse_temperatures():
         ({"prompt": "  "}, "prompt is empty"),
         ({"max_new_tokens": 0}, "at least one new token"),
         ({"top_p": 1.5}, "top_p"),
+        ({"samples": 0}, "at least one sample"),
     ],
 )
 def test_generation_settings_refuse_bad_values(changes, message):
@@ -236,6 +239,38 @@ def test_write_generations_demo_uses_the_demo_prompt_and_length(tied_model, toke
     assert len(logged) == len(titles)
     for section in text.split("## ")[1:]:
         assert generate.DEMO_SETTINGS.prompt in section  # each continuation starts from the prompt
+
+
+def test_every_sample_has_its_own_recorded_key_and_a_rerun_repeats_it(tied_model, tokenizer_dir, tmp_path):
+    _, cfg, params = tied_model
+    tokenizer = vocab.load_base_tokenizer(tokenizer_dir)
+    # No top-k / top-p and a mild penalty: the tied model's peaked logits still leave real draws.
+    settings = generate.GenerationSettings(prompt="riverrun, past Eve", temperatures=(0, 1.0, 1.2), max_new_tokens=16,
+                                           top_k=0, top_p=1.0, samples=2)
+    write = lambda out: generate.write_generations(out, cfg, params, tokenizer, settings=settings, log=lambda _: None)  # noqa: E731
+    markdown = write(tmp_path / "a")
+    record = json.loads((tmp_path / "a" / "generations.json").read_text(encoding="utf-8"))
+    drawn = [(s["temperature"], s["sample"]) for s in record["samples"]]
+    assert drawn == [(0.0, 0), (1.0, 0), (1.0, 1), (1.2, 0), (1.2, 1)]  # greedy is written once
+    assert record["samples"][0]["key"] is None
+    sampled = record["samples"][1:]
+    assert len({tuple(s["key"]) for s in sampled}) == 4
+    # Two temperatures at one seed, and two samples at one temperature, are different draws.
+    assert sampled[0]["token_ids"] != sampled[2]["token_ids"] and sampled[0]["text"] != sampled[2]["text"]
+    assert sampled[0]["token_ids"] != sampled[1]["token_ids"]
+    for s in sampled:
+        folded, key = generate.sample_key(settings.seed, settings.prompt, s["temperature"], s["sample"])
+        assert s["key_fold"] == folded and s["key"] == np.asarray(jax.random.key_data(key)).tolist()
+        # The recorded key alone redraws the recorded sample.
+        again = generate.generate(cfg, params, [record["prompt_ids"]], 16, temperature=s["temperature"], top_k=0,
+                                  repetition_penalty=settings.repetition_penalty, eos_id=tokenizer.eos_token_id,
+                                  key=jnp.asarray(s["key"], jnp.uint32))
+        assert np.asarray(again)[0, : len(s["token_ids"])].tolist() == s["token_ids"]
+        assert f"Key: `fold_in(PRNGKey(0), {folded})` = `{s['key']}`" in markdown.read_text(encoding="utf-8")
+    assert "## temperature 1.2, sample 2" in markdown.read_text(encoding="utf-8")
+    write(tmp_path / "b")
+    for name in ("generations.md", "generations.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def _run_cli(*args):

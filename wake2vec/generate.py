@@ -12,9 +12,14 @@ cheap and trustworthy:
   top-k, then top-p, then a categorical draw; temperature 0 is greedy (the penalty still
   applies, as in transformers). Each stage is a public pure function so the tests can hold
   it against transformers' own processor.
-* **Reproducible.** The draw for the token at position p uses
-  `fold_in(PRNGKey(seed), p)`: no RNG state is carried between calls, so the same
-  arguments and seed give the same tokens every time, and a greedy run draws nothing.
+* **Reproducible.** The draw for the token at position p uses `fold_in(key, p)`, the
+  call's key being `PRNGKey(seed)` unless one is passed: no RNG state is carried between
+  calls, so the same arguments and key give the same tokens every time, and a greedy run
+  draws nothing.
+* **Independent samples.** `write_generations` gives every (prompt, temperature, sample)
+  its own key, `fold_in(PRNGKey(seed), hash)` with a stable hash of the triple
+  (`sample_key`), and records it: with one key for all, a temperature sweep drew the same
+  uniform numbers at every temperature, so 1.0 and 1.2 could write the same text.
 
 What is static and what is traced: the model config, the prompt length, `max_new_tokens`,
 `top_k` (its value sets a `lax.top_k` shape) and whether a stage exists at all (greedy vs
@@ -29,13 +34,16 @@ the loop stops early, so an eos-terminated batch costs only the steps it used.
 
 The second half of the module turns decoding into the artefact the study reads:
 `write_generations` continues one prompt at several temperatures and writes
-generations.md (`GenerationSettings` holds the study's defaults).
+generations.md and generations.json, the same samples with their keys and token ids
+(`GenerationSettings` holds the study's defaults).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import pathlib
 import re
 import time
@@ -250,14 +258,16 @@ def generate(
     repetition_penalty: float = 1.0,
     eos_id: int | None = None,
     seed: int = 0,
+    key: jax.Array | None = None,
     compute_dtype: Any = jnp.float32,
 ) -> jax.Array:
     """Continues equal-length prompts (B, T) by `max_new_tokens`; returns (B, T + max_new_tokens) int32.
 
     temperature 0 decodes greedily; otherwise tokens are drawn after the repetition penalty,
     temperature, top-k (0: off) and top-p (1: off), in transformers' order. With `eos_id`, a
-    row that emits it is padded with it to the end. The same arguments and seed always give
-    the same tokens. `compute_dtype` is the matmul and KV-cache dtype (see wake2vec.model).
+    row that emits it is padded with it to the end. The same arguments and seed (or `key`,
+    which replaces PRNGKey(seed)) always give the same tokens. `compute_dtype` is the matmul
+    and KV-cache dtype (see wake2vec.model).
     Raises ValueError, naming the fix, for an empty or over-long prompt or a bad setting.
     """
     prompt = _validated_prompt(cfg, prompt_ids, max_new_tokens)
@@ -273,7 +283,7 @@ def generate(
     return _decode(
         params,
         jnp.asarray(prompt),
-        jax.random.PRNGKey(seed),
+        jax.random.PRNGKey(seed) if key is None else key,
         sampler,
         jnp.int32(_NO_EOS if eos_id is None else eos_id),
         cfg=cfg,
@@ -291,7 +301,7 @@ def generate(
 # end of a run and by experiments/generate.py for any checkpoint.
 
 STUDY_PROMPT = "riverrun, past Eve and Adam's,"
-GENERATIONS_FILE = "generations.md"
+GENERATIONS_FILE = "generations.md"  # and generations.json beside it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +319,8 @@ class GenerationSettings:
     top_p: float = 0.92
     repetition_penalty: float = 1.15
     seed: int = 0
+    # Samples per temperature, each with its own key; greedy (temperature 0) writes one.
+    samples: int = 1
 
     def __post_init__(self):
         if not self.prompt.strip():
@@ -317,6 +329,8 @@ class GenerationSettings:
             raise ValueError("no temperatures given; list at least one, e.g. 0.5,0.7,0.9,1.0,1.2 (0 is greedy)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}; ask for at least one new token")
+        if self.samples < 1:
+            raise ValueError(f"samples={self.samples}; ask for at least one sample per temperature")
         for temperature in self.temperatures:
             _validate_sampler(temperature, self.top_k, self.top_p, self.repetition_penalty)
 
@@ -334,16 +348,51 @@ def _fenced(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
-def _temperature_title(temperature: float) -> str:
-    return f"temperature {temperature:g}" + (" (greedy)" if temperature == 0 else "")
+def sample_key(seed: int, prompt: str, temperature: float, sample: int) -> tuple[int, jax.Array]:
+    """(the folded-in value, the key) of one sample: fold_in(PRNGKey(seed), h), where h is
+    the first 32 bits of sha256 over (prompt, temperature, sample).
+
+    A hash rather than a counter, so that a sample's key does not depend on which other
+    temperatures or prompts the same call asked for: rerunning one of them reproduces it.
+    """
+    triple = json.dumps([prompt, float(temperature), int(sample)], ensure_ascii=False)
+    folded = int.from_bytes(hashlib.sha256(triple.encode("utf-8")).digest()[:4], "big")
+    return folded, jax.random.fold_in(jax.random.PRNGKey(seed), folded)
 
 
-def render_generations(prompt: str, header: dict[str, Any], continuations: Sequence[tuple[float, str]]) -> str:
-    """The generations.md text: the prompt, a settings table, one section per temperature."""
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One continuation and everything needed to draw it again."""
+
+    temperature: float
+    sample: int
+    key_fold: int | None  # None: greedy, nothing is drawn
+    key: tuple[int, ...] | None  # the raw key data (jax.random.key_data), as passed to generate
+    new_tokens: int
+    token_ids: tuple[int, ...]
+    text: str
+
+
+def _sample_title(sample: Sample, samples: int) -> str:
+    title = f"temperature {sample.temperature:g}" + (" (greedy)" if sample.temperature == 0 else "")
+    return title + (f", sample {sample.sample + 1}" if samples > 1 and sample.temperature != 0 else "")
+
+
+def _key_line(sample: Sample, seed: int) -> str:
+    if sample.key is None:
+        return "Greedy: no key (nothing is drawn)."
+    return (f"Key: `fold_in(PRNGKey({seed}), {sample.key_fold})` = `{list(sample.key)}` "
+            "(fold-in value: sha256 of prompt, temperature, sample).")
+
+
+def render_generations(prompt: str, header: dict[str, Any], samples: Sequence[Sample], *, seed: int,
+                       per_temperature: int = 1) -> str:
+    """The generations.md text: the prompt, a settings table, one section per sample with its key."""
     lines = ["# Generations", "", "Prompt:", "", _fenced(prompt), "", "| setting | value |", "|:--|:--|"]
     lines += [f"| {name} | {value} |" for name, value in header.items()]
-    for temperature, text in continuations:
-        lines += ["", f"## {_temperature_title(temperature)}", "", _fenced(text)]
+    for sample in samples:
+        lines += ["", f"## {_sample_title(sample, per_temperature)}", "", _fenced(sample.text), "",
+                  _key_line(sample, seed)]
     return "\n".join(lines) + "\n"
 
 
@@ -360,12 +409,14 @@ def write_generations(
     compute_dtype: Any = jnp.float32,
     log: Callable[[str], None] = print,
 ) -> pathlib.Path:
-    """Decodes the prompt once per temperature and writes workdir/generations.md; returns its path.
+    """Decodes the prompt `samples` times per temperature and writes workdir/generations.md
+    and generations.json; returns the Markdown's path.
 
     `tokenizer` is a transformers tokenizer (the run's augmented one). The prompt is encoded
     with its special tokens (Llama's BOS in front), as the study did, and a row stops at its
     EOS. `settings` defaults to the study's, or to DEMO_SETTINGS when `demo`. The text of
     each section is the whole sequence, prompt included, decoded without special tokens.
+    Each sample is drawn with its own recorded key (`sample_key`).
     """
     if settings is None:
         settings = DEMO_SETTINGS if demo else GenerationSettings()
@@ -376,21 +427,31 @@ def write_generations(
         )
     prompt_ids = tokenizer(settings.prompt, add_special_tokens=True)["input_ids"]
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
-    continuations = []
+    samples = []
     for temperature in settings.temperatures:
-        started = time.perf_counter()
-        tokens = np.asarray(
-            generate(
-                cfg, params, [prompt_ids], settings.max_new_tokens,
-                temperature=temperature, top_k=settings.top_k, top_p=settings.top_p,
-                repetition_penalty=settings.repetition_penalty, eos_id=eos_id, seed=settings.seed,
-                compute_dtype=compute_dtype,
+        for index in range(1 if temperature == 0 else settings.samples):
+            folded, key = sample_key(settings.seed, settings.prompt, temperature, index)
+            started = time.perf_counter()
+            tokens = np.asarray(
+                generate(
+                    cfg, params, [prompt_ids], settings.max_new_tokens,
+                    temperature=temperature, top_k=settings.top_k, top_p=settings.top_p,
+                    repetition_penalty=settings.repetition_penalty, eos_id=eos_id, key=key,
+                    compute_dtype=compute_dtype,
+                )
+            )[0]
+            stops = np.flatnonzero(tokens[len(prompt_ids):] == eos_id) if eos_id is not None else []
+            emitted = int(stops[0] + 1 if len(stops) else settings.max_new_tokens)
+            greedy = temperature == 0
+            sample = Sample(
+                temperature=float(temperature), sample=index,
+                key_fold=None if greedy else folded,
+                key=None if greedy else tuple(int(k) for k in np.asarray(jax.random.key_data(key))),
+                new_tokens=emitted, token_ids=tuple(int(t) for t in tokens[: len(prompt_ids) + emitted]),
+                text=tokenizer.decode(tokens.tolist(), skip_special_tokens=True),
             )
-        )[0]
-        stops = np.flatnonzero(tokens[len(prompt_ids):] == eos_id) if eos_id is not None else []
-        emitted = stops[0] + 1 if len(stops) else settings.max_new_tokens
-        log(f"{_temperature_title(temperature)}: {emitted} new tokens in {time.perf_counter() - started:.1f} s")
-        continuations.append((temperature, tokenizer.decode(tokens.tolist(), skip_special_tokens=True)))
+            log(f"{_sample_title(sample, settings.samples)}: {emitted} new tokens in {time.perf_counter() - started:.1f} s")
+            samples.append(sample)
     header = {
         "model": source,
         "checkpoint step": "n/a" if step is None else step,
@@ -399,11 +460,17 @@ def write_generations(
         "top_p": settings.top_p,
         "repetition_penalty": settings.repetition_penalty,
         "seed": settings.seed,
+        "samples per temperature": settings.samples,
         "eos id (stops a row)": "none" if eos_id is None else eos_id,
         "prompt tokens (with specials)": len(prompt_ids),
         "compute dtype": jnp.dtype(compute_dtype).name,
     }
     out = pathlib.Path(workdir) / GENERATIONS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_generations(settings.prompt, header, continuations), encoding="utf-8")
+    out.write_text(render_generations(settings.prompt, header, samples, seed=settings.seed,
+                                      per_temperature=settings.samples), encoding="utf-8")
+    record = {"prompt": settings.prompt, "prompt_ids": [int(t) for t in prompt_ids], "settings": header,
+              "samples": [dataclasses.asdict(sample) for sample in samples]}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1, ensure_ascii=False, allow_nan=False) + "\n",
+                                        encoding="utf-8")
     return out
