@@ -45,19 +45,21 @@ print(base, hwm(), time.perf_counter() - t)
 """
 
 
-def write_random_checkpoint(directory: pathlib.Path) -> int:
+def write_random_checkpoint(directory: pathlib.Path, dtype: str = "float32") -> int:
+    """A seeded random HF checkpoint at TinyLlama-1.1B's shape, its tensors stored as `dtype`."""
     import numpy as np
 
     from wake2vec import convert
-    from wake2vec.config import ModelConfig
+    from wake2vec.config import ModelConfig, dtype_from_name
 
     cfg = ModelConfig(**TINYLLAMA_SHAPE)
     rng = np.random.default_rng(0)
     shapes = convert._expected_shapes(cfg)
-    tensors = {name: rng.standard_normal(shape, dtype=np.float32) * 0.02 for name, shape in shapes.items()}
+    store = dtype_from_name(dtype)
+    tensors = {name: (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(store) for name, shape in shapes.items()}
     directory.mkdir(parents=True, exist_ok=True)
     convert.write_safetensors(directory / "model.safetensors", tensors)
-    (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype)))
     return sum(t.nbytes for t in tensors.values())  # the tensors are freed on return, before the child starts
 
 

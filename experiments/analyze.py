@@ -3,7 +3,7 @@
 From a training workdir (the table of its latest or a given checkpoint step, its
 embeddings_pre.npy, its tokenizer and the base vocabulary size from its config.json):
 
-    python -m experiments.analyze --workdir=W [--step=N]        # -> W/analysis/
+    python -m experiments.analyze --workdir=W [--step=N]        # -> W/analysis/, W/tensorboard/ (projector)
 
 From tables anywhere (.npy, rows x dims; --pre and --tokenizer optional):
 
@@ -108,7 +108,12 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
         logging.warning("%s not found: token names will be null", tokenizer_dir)
     out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / "analysis"
     source = {"workdir": str(workdir), "step": int(loaded_step)}
-    return report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source)
+    summary = report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source)
+    from wake2vec import tboard
+
+    tboard.write_projector(workdir / tboard.LOGDIR, E_post, base_vocab_size, tokens or [None] * E_post.shape[0],
+                           name=f"trained table, step {loaded_step}")
+    return summary
 
 
 def main(argv: Sequence[str]) -> None:

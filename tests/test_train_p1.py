@@ -70,6 +70,10 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     assert analysed.returncode == 0, analysed.stderr[-3000:]
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary["meta"]["n_new"] == config["vocab"]["added"]
+    projector = (tmp_path / "tensorboard" / "projector_config.pbtxt").read_text()
+    assert f"tensor_shape: {trained.shape[0]}" in projector and 'tensor_name: "trained table, step 6"' in projector
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "tensorboard" / "embeddings.bin", "<f4").reshape(trained.shape),
+                                  trained)
     assert summary["drift"]["base"]["cosine"]["min"] < 1.0  # the tied base rows trained too
     assert (tmp_path / "analysis" / "embedding_analysis.png").stat().st_size > 50_000
 
@@ -135,6 +139,10 @@ def test_sigkill_after_a_commit_then_resume_is_bit_identical(tmp_path):
     strip = lambda events: [{k: v for k, v in e.items() if k not in timings} for e in events]  # noqa: E731
     assert strip(read_jsonl(killed / "metrics.jsonl")) == strip(read_jsonl(whole / "metrics.jsonl"))
     assert (killed / "loss_table.md").read_text() == (whole / "loss_table.md").read_text()
+    # TensorBoard shows what metrics.jsonl says, each step once (the killed run's extra steps gone).
+    from tests.test_tboard import expected_scalars, read_scalars
+
+    assert read_scalars(killed / "tensorboard") == expected_scalars(read_jsonl(killed / "metrics.jsonl"))
 
 
 def test_flagfile_is_honoured(tmp_path):

@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from wake2vec import checkpoint, convert, data, optim, parallel, prepare, train, workdir as records
+from wake2vec import checkpoint, convert, data, optim, parallel, prepare, tboard, train, workdir as records
 from wake2vec.config import TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 
@@ -208,7 +208,13 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     else:
         start = int(state.step)
         logging.info("resuming from the committed checkpoint at step %d", start)
-        records.truncate_metrics(workdir, start)
+    # Also with no checkpoint: a run killed before its first save left events past step 0.
+    records.truncate_metrics(workdir, start)
+    scalars = tboard.ScalarWriter(workdir, records.read_metrics(workdir))
+
+    def log_event(event: dict) -> None:
+        records.append_metrics(workdir, event)
+        scalars.add(event)
     del trainable
 
     batch_sharding = parallel.batch_sharding(mesh, 3, 1)
@@ -248,7 +254,7 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     last_val = None
     if start == 0 and not records.read_metrics(workdir):
         last_val, eval_s = _timed(evaluate, state.trainable)
-        records.append_metrics(workdir, progress.note_eval(0, last_val, eval_s))
+        log_event(progress.note_eval(0, last_val, eval_s))
 
     try:
         for step in range(start, cfg.max_steps):
@@ -269,15 +275,15 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
             is_last = done == cfg.max_steps
             save_now = done % cfg.save_every == 0 or is_last
             if done % cfg.log_every == 0 or save_now:
-                records.append_metrics(workdir, progress.flush(done, float(metrics["lr"])))
+                log_event(progress.flush(done, float(metrics["lr"])))
             val_loss = None
             if done % cfg.eval_every == 0 or is_last:
                 val_loss, eval_s = _timed(evaluate, state.trainable)
                 last_val = val_loss
-                records.append_metrics(workdir, progress.note_eval(done, val_loss, eval_s))
+                log_event(progress.note_eval(done, val_loss, eval_s))
             if save_now:
                 _, save_s = _timed(lambda: ckpt.save(state, val_loss=val_loss))
-                records.append_metrics(workdir, progress.note_save(done, save_s))
+                log_event(progress.note_save(done, save_s))
             if cfg.snapshot_every and done % cfg.snapshot_every == 0:
                 snapshots = workdir / "snapshots"
                 snapshots.mkdir(exist_ok=True)
@@ -285,12 +291,13 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     finally:
         ckpt.wait()
         ckpt.close()
+        scalars.close()
         events = records.read_metrics(workdir)
         records.write_loss_table(workdir, events)
         records.write_loss_curve(workdir, events)
 
     if cfg.analyze:
-        _analyze(workdir, _trained_table(state, prepared), prepared)
+        _analyze(workdir, _trained_table(state, prepared), prepared, int(state.step))
     if cfg.generate_at_end:
         _generate(workdir, prepared, state, frozen)
     return RunResult(workdir, cfg.max_steps, progress.last_train, last_val)
@@ -301,13 +308,16 @@ def _trained_table(state: train.TrainState, prepared: prepare.PreparedRun) -> np
     return np.asarray(jax.device_get(state.trainable["embedding"]))[: prepared.model_cfg.vocab_size]
 
 
-def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.PreparedRun) -> None:
+def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.PreparedRun, step: int) -> None:
     from wake2vec.analysis import report
 
     logging.info("analysing the trained table -> %s", workdir / "analysis")
     tokens = prepared.tokenizer.convert_ids_to_tokens(list(range(table.shape[0])))
     report.run_analysis(table, prepared.vocab_stats.base_size, workdir / "analysis",
                         E_pre=np.load(workdir / prepare.EMBEDDINGS_PRE), tokens=tokens, seed=0)
+    logging.info("exporting the table for TensorBoard's Embedding Projector -> %s", workdir / tboard.LOGDIR)
+    tboard.write_projector(workdir / tboard.LOGDIR, table, prepared.vocab_stats.base_size, tokens,
+                           name=f"trained table, step {step}")
 
 
 def _generate(workdir: pathlib.Path, prepared: prepare.PreparedRun, state: train.TrainState, frozen: dict) -> None:
