@@ -185,3 +185,20 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert committed == [1]
     events = read_jsonl(tmp_path / "metrics.jsonl")  # strict JSON: a NaN would not parse back
     assert max(e["step"] for e in events) == 1
+
+
+def test_eta_is_the_median_step_plus_the_evals_and_saves_still_due():
+    from wake2vec import loop
+    from wake2vec.config import TrainConfig
+
+    progress = loop._Progress(TrainConfig(max_steps=10, eval_every=5, save_every=4), tokens_per_step=64, compile_s=9.0)
+    for seconds in (1.0, 30.0, 2.0):  # one step slowed by a busy host does not set the rate
+        progress.note_step(4.0, seconds)
+    progress.note_eval(3, 5.0, seconds=4.0)
+    progress.note_save(3, seconds=0.5)
+    # Steps 4..10 at the median 2 s; evals at 5 and 10; saves at 4, 8 and 10.
+    assert progress.eta(3) == 7 * 2.0 + 2 * 4.0 + 3 * 0.5
+    event = progress.flush(3, lr=1e-3)
+    assert event["step_s"] == 11.0 and event["tokens_per_s"] == 64 / 11.0 and event["compile_s"] == 9.0
+    progress.note_step(4.0, 2.0)
+    assert "compile_s" not in progress.flush(4, lr=1e-3)  # reported once per launch
