@@ -13,7 +13,7 @@ which run and step it came from. Then, with no wake2vec installed:
 The frozen body is read from the run's model source and refused if its content hash
 changed since training (the trained rows belong to those weights). It is written in the
 source's dtype (the one its config.json names, as transformers' dtype="auto" reads it;
-float32 when it names none), so a bf16 TinyLlama exports at its own 2.2 GB, not 4.4 GB;
+float32 when it names none), so a bf16 TinyLlama run exports at about 2.6 GB, not 4.5 GB;
 `--body_dtype=float32` writes it upcast (exactly). The trained table (and head) is written
 float32, as trained, and config.json names float32 then, so `from_pretrained(DIR)` loads
 the table bit for bit (and the body upcast exactly); `dtype=torch.bfloat16` there rounds
