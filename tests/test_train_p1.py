@@ -92,6 +92,7 @@ def test_changed_config_is_refused_then_accepted_with_the_flag(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["config_changes"][-1]["changes"] == {"max_steps": [2, 4]}
     assert config["schedule_starts"] == [0, 2]
+    assert config["schedule_extensions"] == [{"max_steps": [2, 4], "extend_schedule": "restart"}]
     # Steps 3-4 are a fresh segment of 2 steps: warmup ceil(2 x 0.05) = 1, so step 3 runs at lr 0.
     assert [e["lr"] for e in read_jsonl(tmp_path / "metrics.jsonl") if e["step"] == 4 and "lr" in e] == [
         pytest.approx(config["flags"]["lr"], rel=1e-6)]  # float32 of the flag

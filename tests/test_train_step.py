@@ -307,6 +307,8 @@ def test_extending_max_steps_needs_a_choice_and_each_choice_is_its_definition():
     restart = dataclasses.replace(tc, extend_schedule="restart")
     starts = optim.schedule_starts(stored, restart)
     assert starts == [0, 10]
+    assert optim.schedule_record(stored, restart) == {
+        "schedule_starts": [0, 10], "schedule_extensions": [{"max_steps": [10, 20], "extend_schedule": "restart"}]}
     restarted = optim.make_schedule(restart, starts)
     # The first 10 steps are the original run's; step 10 starts a 10-step segment's warmup.
     np.testing.assert_array_equal([float(restarted(s)) for s in range(10)], [float(original(s)) for s in range(10)])

@@ -121,6 +121,23 @@ def make_schedule(cfg: TrainConfig, segment_starts: Sequence[int] = (0,)) -> opt
     return segments[0] if len(segments) == 1 else optax.join_schedules(segments, starts[1:])
 
 
+def _changed_max_steps(stored: dict | None, cfg: TrainConfig) -> int | None:
+    """The stored --max_steps when this invocation changes it on a run configured to train."""
+    old = (stored or {}).get("flags", {}).get("max_steps")
+    return None if not old or cfg.max_steps in (0, old) else old
+
+
+def schedule_record(stored: dict | None, cfg: TrainConfig) -> dict:
+    """config.json's schedule fields: `schedule_starts`, and the `schedule_extensions` that
+    made them ({"max_steps": [old, new], "extend_schedule": choice} per extension)."""
+    extensions = list((stored or {}).get("schedule_extensions", []))
+    old = _changed_max_steps(stored, cfg)
+    starts = schedule_starts(stored, cfg)
+    if old is not None:
+        extensions.append({"max_steps": [old, cfg.max_steps], "extend_schedule": cfg.extend_schedule})
+    return {"schedule_starts": starts, "schedule_extensions": extensions}
+
+
 def schedule_starts(stored: dict | None, cfg: TrainConfig) -> list[int]:
     """This run's schedule segments, from its config.json record and the new flags.
 
@@ -134,11 +151,9 @@ def schedule_starts(stored: dict | None, cfg: TrainConfig) -> list[int]:
     * stretch: the last segment's warmup and decay are recomputed for the new --max_steps,
       as if the run had been launched with it; the lr jumps where the run resumes.
     """
-    if not stored:
-        return [0]
-    starts = list(stored.get("schedule_starts", [0]))
-    old = stored.get("flags", {}).get("max_steps")
-    if not old or cfg.max_steps in (0, old):
+    starts = list((stored or {}).get("schedule_starts", [0]))
+    old = _changed_max_steps(stored, cfg)
+    if old is None:
         return starts
     if cfg.extend_schedule not in EXTENSIONS:
         raise ScheduleExtensionError(

@@ -142,7 +142,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     }
     stored = records.read_config(workdir)
     history = _check_against_stored(stored, cfg, hashes) if stored else []
-    schedule_starts = optim.schedule_starts(stored, cfg)
+    schedule = optim.schedule_record(stored, cfg)
 
     vocab_stats = vocab.augment_tokenizer(tokenizer, words)
     ids = data.tokenize_corpus(tokenizer, text, cache_dir=workdir)
@@ -187,7 +187,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         "vocab": vocab_stats.as_dict(),
         "data": corpus_stats.as_dict(),
         "config_changes": history,
-        "schedule_starts": schedule_starts,
+        **schedule,
     }
     records.write_config(workdir, record)
     return PreparedRun(model_cfg, trainable, params, tokenizer, vocab_stats, corpus_stats, train_blocks, val_blocks, record)
