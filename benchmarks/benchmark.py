@@ -86,7 +86,7 @@ def wake2vec_step(shape: dict):
     import jax.numpy as jnp
     import numpy as np
 
-    from wake2vec import model, optim, parallel, train
+    from wake2vec import model, optim, padding, parallel, train
     from wake2vec.config import TrainConfig, dtype_from_name
 
     cfg = _model_config(shape)
@@ -94,9 +94,9 @@ def wake2vec_step(shape: dict):
     mesh = parallel.make_mesh("")
     rows = parallel.padded_vocab(cfg.vocab_size, mesh)
     params = model.init_params(cfg, jax.random.PRNGKey(0), dtype=dtype_from_name(_FROZEN_DTYPE.value))
-    params["embedding"] = jnp.pad(params["embedding"], ((0, rows - cfg.vocab_size), (0, 0)))
+    params.update(padding.pad(optim.split_params(params)[0], rows))
     trainable, frozen = optim.split_params(params)
-    tx = optim.make_optimizer(tc, 32_000)
+    tx = optim.make_optimizer(tc, 32_000, cfg.vocab_size)
     settings = train.StepSettings(cfg, dtype_from_name(_COMPUTE_DTYPE.value), _REMAT.value, loss_chunk=1024)
     step = jax.jit(train.make_train_step(tx, optim.make_schedule(tc), settings), donate_argnums=(0,))
     batch = jnp.asarray(

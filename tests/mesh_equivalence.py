@@ -12,10 +12,9 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from wake2vec import model, optim, parallel, train  # noqa: E402
+from wake2vec import model, optim, padding, parallel, train  # noqa: E402
 from wake2vec.config import ModelConfig, TrainConfig  # noqa: E402
 
 CFG = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -27,10 +26,9 @@ def run(mesh_spec: str, devices) -> tuple[list[float], np.ndarray, np.ndarray]:
     mesh = parallel.make_mesh(mesh_spec, devices)
     rows = parallel.padded_vocab(CFG.vocab_size, mesh)
     params = model.init_params(CFG, jax.random.PRNGKey(0))
-    params["embedding"] = jnp.pad(params["embedding"], ((0, rows - 300), (0, 0)))
-    params["lm_head"]["kernel"] = jnp.pad(params["lm_head"]["kernel"], ((0, 0), (0, rows - 300)))
+    params.update(padding.pad(optim.split_params(params)[0], rows))
     trainable, frozen = optim.split_params(params)
-    tx = optim.make_optimizer(TC, 200)
+    tx = optim.make_optimizer(TC, 200, CFG.vocab_size)
     state = train.init_state(trainable, frozen, tx)
     state_sharding = train.TrainState(
         parallel.replicated(mesh),
@@ -49,9 +47,8 @@ def run(mesh_spec: str, devices) -> tuple[list[float], np.ndarray, np.ndarray]:
         state, metrics = step(state, jax.device_put(frozen, frozen_sharding), jax.device_put(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
     assert state.trainable["embedding"].sharding.spec == jax.sharding.PartitionSpec("model", None)
-    table = np.asarray(state.trainable["embedding"])[:300]
-    head = np.asarray(state.trainable["lm_head"]["kernel"])[:, :300]
-    return losses, table, head
+    real = padding.unpad(jax.tree_util.tree_map(np.asarray, state.trainable), CFG.vocab_size)
+    return losses, real["embedding"], real["lm_head"]["kernel"]
 
 
 def main():

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -39,13 +40,23 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
 
 
-def make_workdir(root: pathlib.Path, *, source_tied: bool, run_tied: bool) -> pathlib.Path:
-    """A finished run's workdir (config.json, tokenizer/, checkpoints/STEP) over a fresh source."""
+def make_workdir(root: pathlib.Path, *, source_tied: bool, run_tied: bool, bf16_source: bool = False) -> pathlib.Path:
+    """A finished run's workdir (config.json, tokenizer/, checkpoints/STEP) over a fresh source.
+
+    `bf16_source` makes the source like TinyLlama's: bf16 weights, a list eos_token_id and a
+    field (pad_token_id) that ModelConfig does not model.
+    """
     source_cfg = ModelConfig(
         vocab_size=len(BASE_WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=source_tied,
     )
-    source = convert.save_hf(source_cfg, model.init_params(source_cfg, jax.random.key(0)), root / "source")
+    source_params = model.init_params(source_cfg, jax.random.key(0))
+    if bf16_source:
+        source_params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), source_params)
+    source = convert.save_hf(source_cfg, source_params, root / "source")
+    if bf16_source:
+        hf_config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps({**hf_config, "eos_token_id": [2, 5], "pad_token_id": 0}))
     workdir = root / "run"
     workdir.mkdir()
     tokenizer = _tokenizer()
@@ -150,3 +161,36 @@ def test_cli_exports_a_chosen_step_and_exits_non_zero_on_errors(tmp_path):
     assert missing_step.returncode != 0 and "no committed checkpoint at step 3" in missing_step.stderr
     no_run = cli(f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'out3'}")
     assert no_run.returncode != 0 and "config.json not found" in no_run.stderr
+
+
+def _stored_dtypes(path: pathlib.Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_slice(name).get_dtype() for name in f.keys()}
+
+
+def test_a_bf16_source_exports_a_bf16_body_and_the_table_as_trained(tmp_path):
+    """Issue 11 item 10 and issue 13: not 2x the model, not a rounded table, the config as it came."""
+    workdir = make_workdir(tmp_path, source_tied=False, run_tied=True, bf16_source=True)
+    export_hf.export(workdir, tmp_path / "out")
+    dtypes = _stored_dtypes(tmp_path / "out" / "model.safetensors")
+    assert dtypes.pop("model.embed_tokens.weight") == "F32"
+    assert set(dtypes.values()) == {"BF16"}, dtypes
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # transformers' default dtype
+    assert hf.config.eos_token_id == [2, 5] and hf.config.pad_token_id == 0
+    trained, _ = checkpoint.load_trainable(workdir)
+    total = hf.config.vocab_size
+    state = hf.state_dict()
+    np.testing.assert_array_equal(state["model.embed_tokens.weight"].numpy(), trained["embedding"][:total])
+    _, source = convert.load_hf(json.loads((workdir / "config.json").read_text())["model_source"],
+                                dtype=ml_dtypes.bfloat16, as_numpy=True)
+    q_proj = source["layers"]["self_attn"]["q_proj"]["kernel"][0].T.astype(np.float32)
+    np.testing.assert_array_equal(state["model.layers.0.self_attn.q_proj.weight"].float().numpy(), q_proj)
+
+    export_hf.export(workdir, tmp_path / "fp32", body_dtype="float32")
+    assert set(_stored_dtypes(tmp_path / "fp32" / "model.safetensors").values()) == {"F32"}
+    fp32 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32").state_dict()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, fp32[name]), name  # bf16 -> fp32 is exact

@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -48,7 +49,7 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     events = read_jsonl(tmp_path / "metrics.jsonl")
     train_events = [e for e in events if "train_loss" in e]
     assert [e["step"] for e in train_events] == [2, 3, 4, 6]  # every log step, plus every save step
-    timing = {"step", "train_loss", "lr", "tokens_per_s", "step_s"}
+    timing = {"step", "train_loss", "lr", "tokens_per_s", "step_s", "grad_norm"}
     assert set(train_events[0]) == timing | {"compile_s"}  # compilation is reported once, apart
     assert all(set(e) == timing for e in train_events[1:])
     assert all(e["tokens_per_s"] == 2 * 2 * 32 / e["step_s"] for e in train_events)  # the step's own rate
@@ -91,10 +92,19 @@ def test_changed_config_is_refused_then_accepted_with_the_flag(tmp_path):
     refused = launch(tmp_path, "--max_steps=4", "--eval_every=2", "--save_every=2", f"--lr={stored_lr * 2}")
     assert refused.returncode != 0
     assert f"--lr: {stored_lr!r} -> {stored_lr * 2!r}" in refused.stderr and "--max_steps: 2 -> 4" in refused.stderr
-    accepted = launch(tmp_path, "--max_steps=4", "--eval_every=2", "--save_every=2", "--allow_config_change")
+    # A longer run must say what its schedule does past the old end (issue 11, item 7).
+    unchosen = launch(tmp_path, "--max_steps=4", "--eval_every=2", "--save_every=2", "--allow_config_change")
+    assert unchosen.returncode != 0 and "--extend_schedule=restart" in unchosen.stderr
+    accepted = launch(tmp_path, "--max_steps=4", "--eval_every=2", "--save_every=2", "--allow_config_change",
+                      "--extend_schedule=restart")
     assert accepted.returncode == 0, accepted.stderr[-3000:]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["config_changes"][-1]["changes"] == {"max_steps": [2, 4]}
+    assert config["schedule_starts"] == [0, 2]
+    assert config["schedule_extensions"] == [{"max_steps": [2, 4], "extend_schedule": "restart"}]
+    # Steps 3-4 are a fresh segment of 2 steps: warmup ceil(2 x 0.05) = 1, so step 3 runs at lr 0.
+    assert [e["lr"] for e in read_jsonl(tmp_path / "metrics.jsonl") if e["step"] == 4 and "lr" in e] == [
+        pytest.approx(config["flags"]["lr"], rel=1e-6)]  # float32 of the flag
     assert max(e["step"] for e in read_jsonl(tmp_path / "metrics.jsonl")) == 4
 
 
@@ -174,17 +184,25 @@ def test_relative_workdir(tmp_path):
     assert sorted(p.name for p in (tmp_path / "rel/run/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    # No warmup and an absurd constant rate: step 1 is computed on the initial table (finite)
-    # and its update overflows the table, so step 2's loss is not finite.
-    out = launch(tmp_path, "--max_steps=5", "--save_every=1", "--eval_every=5", "--lr=1e38",
-                 "--warmup_ratio=0", "--schedule=constant")
+def test_a_non_finite_update_is_never_committed(tmp_path):
+    # An absurd rate after one step of warmup at lr 0: the loss stays finite (it is computed
+    # before the update) while lr x update overflows the table. Before issue 11 that state was
+    # committed and then named "the last good checkpoint".
+    out = launch(tmp_path, "--max_steps=6", "--save_every=1", "--eval_every=6", "--lr=3e38",
+                 "--warmup_ratio=0.2", "--schedule=constant")
     assert out.returncode != 0
-    assert "step 2: training loss is" in out.stderr and "last good checkpoint is step 1" in out.stderr
+    failed = int(out.stderr.split(": not finite (loss ")[0].rsplit("step ", 1)[1])
+    assert failed >= 2, out.stderr[-3000:]
+    assert "loss nan" not in out.stderr and "loss inf" not in out.stderr  # the loss itself was finite
+    assert f"last good checkpoint is step {failed - 1}" in out.stderr
     committed = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert committed == [1]
+    assert committed == list(range(1, failed))
+    from wake2vec import checkpoint
+
+    trainable, step = checkpoint.load_trainable(tmp_path)
+    assert step == failed - 1 and np.isfinite(trainable["embedding"]).all()
     events = read_jsonl(tmp_path / "metrics.jsonl")  # strict JSON: a NaN would not parse back
-    assert max(e["step"] for e in events) == 1
+    assert max(e["step"] for e in events) == failed - 1
 
 
 def test_eta_is_the_median_step_plus_the_evals_and_saves_still_due():

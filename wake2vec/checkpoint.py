@@ -46,7 +46,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from wake2vec import convert
+from wake2vec import convert, padding
 from wake2vec import workdir as records
 from wake2vec.config import ModelConfig
 from wake2vec.errors import UserError
@@ -527,7 +527,7 @@ def load_trainable(workdir, step: int | None = None) -> tuple[dict, int]:
         manager.close()
 
 
-def _run_record(workdir) -> dict:
+def run_record(workdir) -> dict:
     """The run's config.json, with the fields the loaders need checked."""
     workdir = pathlib.Path(workdir)
     record = records.read_config(workdir)
@@ -550,23 +550,25 @@ def load_table(workdir, step: int | None = None) -> tuple[np.ndarray, int]:
     The stored table may have padding rows (the vocabulary is padded to shard evenly);
     they are no tokens and are cut off here.
     """
-    total = int(_run_record(workdir)["vocab"]["total"])
+    total = int(run_record(workdir)["vocab"]["total"])
     trainable, step = load_trainable(workdir, step)
     table = trainable["embedding"]
     if table.shape[0] < total:
         raise CheckpointError(f"step {step}: the table has {table.shape[0]} rows but config.json says {total} tokens")
-    return np.asarray(table[:total], np.float32), step
+    return np.asarray(padding.unpad_table(table, total), np.float32), step
 
 
-def load_params(workdir, step: int | None = None, *, as_numpy: bool = False) -> tuple[ModelConfig, dict, int]:
+def load_params(workdir, step: int | None = None, *, as_numpy: bool = False,
+                body_dtype=jnp.float32) -> tuple[ModelConfig, dict, int]:
     """(cfg, params, step) of the trained model: the source body with the trained table(s).
 
-    The frozen body is read (float32) from the run's model source, refused if its content
-    hash differs from the one the run started with. cfg is the source's with the grown
-    vocabulary and the run's tying; when tied, the source's own lm_head is dropped (the
-    table is the head). `as_numpy` keeps host arrays, as convert.load_hf does.
+    The frozen body is read (in `body_dtype`) from the run's model source, refused if its
+    content hash differs from the one the run started with; the trained rows stay float32.
+    cfg is the source's with the grown vocabulary and the run's tying; when tied, the
+    source's own lm_head is dropped (the table is the head). `as_numpy` keeps host arrays,
+    as convert.load_hf does.
     """
-    record = _run_record(workdir)
+    record = run_record(workdir)
     source = pathlib.Path(record["model_source"])
     if not source.is_dir():
         raise CheckpointError(
@@ -583,13 +585,14 @@ def load_params(workdir, step: int | None = None, *, as_numpy: bool = False) -> 
     trainable, step = load_trainable(workdir, step)
     total = int(record["vocab"]["total"])
     tied = bool(record["flags"]["tie_embeddings"])
-    source_cfg, params = convert.load_hf(str(source), as_numpy=True)
+    source_cfg, params = convert.load_hf(str(source), dtype=body_dtype, as_numpy=True)
     params.pop("lm_head", None)
-    params["embedding"] = trainable["embedding"][:total]
     if not tied:
         if "lm_head" not in trainable:
             raise CheckpointError(f"config.json says tie_embeddings=false, but step {step} holds no trained lm_head")
-        params["lm_head"] = {"kernel": trainable["lm_head"]["kernel"][:, :total]}
+    else:
+        trainable.pop("lm_head", None)
+    params.update(padding.unpad(trainable, total))
     cfg = source_cfg.replace(vocab_size=total, tie_word_embeddings=tied)
     if not as_numpy:
         params = convert.to_device(params)

@@ -269,3 +269,5 @@ class TrainConfig:
     generate_at_end: bool = False
     # Accept a config that differs from the one stored in an existing workdir.
     allow_config_change: bool = False
+    # What a changed --max_steps does to the lr schedule of an existing run: restart (the added steps get their own warmup and decay) | stretch (the schedule recomputed for the new --max_steps, the lr jumps); required then.
+    extend_schedule: str = ""

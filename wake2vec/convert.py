@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from wake2vec import padding
 from wake2vec.config import ModelConfig
 from wake2vec.errors import UserError
 
@@ -335,7 +336,8 @@ def to_device(host: Params, shardings=None) -> Params:
 def hf_state_dict(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     """Flax params -> {HF name: host array} in HF's (out, in) layout, padding rows dropped."""
     host = jax.tree_util.tree_map(np.asarray, params)
-    tensors = {"model.embed_tokens.weight": host["embedding"][: cfg.vocab_size]}
+    host.update(padding.unpad({k: host[k] for k in ("embedding", "lm_head") if k in host}, cfg.vocab_size))
+    tensors = {"model.embed_tokens.weight": host["embedding"]}
     for i in range(cfg.num_hidden_layers):
         for suffix, (path, transpose) in _LAYER_TENSORS.items():
             node = host["layers"]
@@ -344,22 +346,33 @@ def hf_state_dict(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
             tensors[f"model.layers.{i}.{suffix}"] = node[i].T if transpose else node[i]
     tensors["model.norm.weight"] = host["norm"]["scale"]
     if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = host["lm_head"]["kernel"][:, : cfg.vocab_size].T
+        tensors["lm_head.weight"] = host["lm_head"]["kernel"].T
     return tensors
 
 
-def save_hf(cfg: ModelConfig, params: Params, out_dir, tokenizer=None) -> pathlib.Path:
+def save_hf(cfg: ModelConfig, params: Params, out_dir, tokenizer=None, source_config: dict | None = None) -> pathlib.Path:
     """Writes config.json + model.safetensors (+ the tokenizer) loadable by transformers.
 
-    Tensors keep the dtype they have in `params`, so a round trip is bit-exact.
+    Tensors keep the dtype they have in `params`, so a round trip is bit-exact. config.json
+    names the widest of them: transformers' default dtype="auto" casts every tensor to it,
+    so a float32 trained table beside a bf16 body loads as trained, not rounded to bf16.
+    `source_config` (the source's config.json) is written as it came, with vocab_size,
+    tie_word_embeddings and the dtype replaced, so what ModelConfig does not model (a list
+    eos_token_id, pad_token_id, ...) survives.
     """
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(cfg, params)
-    body_dtype = tensors["model.layers.0.self_attn.q_proj.weight"].dtype if cfg.num_hidden_layers else np.float32
-    torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(np.dtype(body_dtype), "bfloat16")
+    widest = max((np.dtype(t.dtype) for t in tensors.values()), key=lambda d: d.itemsize)
+    torch_dtype = {np.dtype(np.float64): "float64", np.dtype(np.float32): "float32",
+                   np.dtype(np.float16): "float16"}.get(widest, "bfloat16")
     write_safetensors(out / "model.safetensors", tensors)
-    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(torch_dtype), indent=2) + "\n")
+    config = cfg.to_hf_dict(torch_dtype)
+    if source_config is not None:
+        # transformers 5 reads "dtype" before the older "torch_dtype": both must agree.
+        config = {**source_config, "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_word_embeddings,
+                  "torch_dtype": torch_dtype, "dtype": torch_dtype}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out

@@ -18,20 +18,19 @@ import contextlib
 import dataclasses
 import fcntl
 import logging
-import math
 import pathlib
 import time
 
 import jax
 import numpy as np
 
-from wake2vec import checkpoint, convert, data, optim, parallel, prepare, tboard, train, workdir as records
-from wake2vec.config import TrainConfig, dtype_from_name
+from wake2vec import checkpoint, convert, data, optim, padding, parallel, prepare, tboard, train, workdir as records
+from wake2vec.config import DEMO_SOURCE, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 
 
-class NonFiniteLossError(UserError, RuntimeError):
-    """The training loss became NaN or infinite."""
+class NonFiniteStepError(UserError, RuntimeError):
+    """A step's loss, gradient or update became NaN or infinite; it was not applied."""
 
 
 @dataclasses.dataclass
@@ -40,16 +39,6 @@ class RunResult:
     final_step: int
     last_train_loss: float | None
     last_val_loss: float | None
-
-
-def _pad_rows(trainable: dict, rows: int) -> dict:
-    """Zero rows appended to the vocabulary axis (table axis 0, head kernel axis 1)."""
-    table = trainable["embedding"]
-    out = {"embedding": np.pad(table, ((0, rows - table.shape[0]), (0, 0)))}
-    if "lm_head" in trainable:
-        kernel = trainable["lm_head"]["kernel"]
-        out["lm_head"] = {"kernel": np.pad(kernel, ((0, 0), (0, rows - kernel.shape[1])))}
-    return out
 
 
 def _eval_batches(val_blocks: np.ndarray, batch: int, max_blocks: int):
@@ -171,21 +160,21 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     if cfg.batch_size % data_size:
         raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of the mesh's data axis ({data_size})")
     rows = record.get("padded_vocab") or parallel.padded_vocab(prepared.model_cfg.vocab_size, mesh)
-    if rows % (128 * mesh.shape[parallel.MODEL]):
+    if rows % (padding.MULTIPLE * mesh.shape[parallel.MODEL]):
         raise ValueError(f"this run's table has {rows} rows, which do not split over a model axis of {mesh.shape[parallel.MODEL]}; resume with the original --mesh")
     if "padded_vocab" not in record:
         record["padded_vocab"] = rows
         records.write_config(workdir, record)
 
     base_size = prepared.vocab_stats.base_size
-    tx = optim.make_optimizer(cfg, base_size)
-    schedule = optim.make_schedule(cfg)
+    schedule = optim.make_schedule(cfg, record.get("schedule_starts", [0]))
+    tx = optim.make_optimizer(cfg, base_size, prepared.model_cfg.vocab_size, schedule)
     settings = train.StepSettings(prepared.model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk)
 
     # Host copies are consumed leaf by leaf as they move (TinyLlama's body: 4.4 GB in fp32).
     frozen_sharding = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), prepared.frozen)
     frozen = convert.to_device(prepared.frozen, frozen_sharding)
-    trainable_host = _pad_rows(prepared.trainable, rows)
+    trainable_host = padding.pad(prepared.trainable, rows)
     trainable = convert.to_device(trainable_host, parallel.vocab_sharded_like(trainable_host, mesh, rows))
     prepared.frozen = prepared.trainable = None
 
@@ -264,18 +253,21 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
             step_s = time.perf_counter() - started
             loss = float(metrics["loss"])
             done = step + 1
-            if not math.isfinite(loss):
+            if not bool(metrics["finite"]):
+                # The step left the state as it was (train.make_train_step), so no checkpoint
+                # ever holds a non-finite value and the latest committed one is good.
                 ckpt.wait()  # an async save in flight is the last good checkpoint once it commits
                 saved = ckpt.all_steps()
-                raise NonFiniteLossError(
-                    f"step {done}: training loss is {loss}. Nothing from this step was saved; the last good checkpoint "
-                    f"is step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
-                    "(fp16 overflows easily), then rerun the same command to resume from it")
+                raise NonFiniteStepError(
+                    f"step {done}: not finite (loss {loss}, gradient norm {float(metrics['grad_norm'])}, or the "
+                    f"update); the step was not applied and nothing from it was saved. The last good checkpoint is "
+                    f"step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
+                    "(fp16 overflows easily), then rerun with --allow_config_change to resume from it")
             progress.note_step(loss, step_s)
             is_last = done == cfg.max_steps
             save_now = done % cfg.save_every == 0 or is_last
             if done % cfg.log_every == 0 or save_now:
-                log_event(progress.flush(done, float(metrics["lr"])))
+                log_event({**progress.flush(done, float(metrics["lr"])), "grad_norm": float(metrics["grad_norm"])})
             val_loss = None
             if done % cfg.eval_every == 0 or is_last:
                 val_loss, eval_s = _timed(evaluate, state.trainable)
@@ -299,13 +291,13 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     if cfg.analyze:
         _analyze(workdir, _trained_table(state, prepared), prepared, int(state.step))
     if cfg.generate_at_end:
-        _generate(workdir, prepared, state, frozen)
+        _generate(cfg, prepared, state, frozen)
     return RunResult(workdir, cfg.max_steps, progress.last_train, last_val)
 
 
 def _trained_table(state: train.TrainState, prepared: prepare.PreparedRun) -> np.ndarray:
     """The table on the host, padding rows cut: the (vocab, D) matrix the analysis reads."""
-    return np.asarray(jax.device_get(state.trainable["embedding"]))[: prepared.model_cfg.vocab_size]
+    return padding.unpad_table(np.asarray(jax.device_get(state.trainable["embedding"])), prepared.model_cfg.vocab_size)
 
 
 def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.PreparedRun, step: int) -> None:
@@ -320,10 +312,13 @@ def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.Prepare
                            name=f"trained table, step {step}")
 
 
-def _generate(workdir: pathlib.Path, prepared: prepare.PreparedRun, state: train.TrainState, frozen: dict) -> None:
+def _generate(cfg: TrainConfig, prepared: prepare.PreparedRun, state: train.TrainState, frozen: dict) -> None:
     from wake2vec import generate
 
+    workdir = pathlib.Path(cfg.workdir)
     # The arrays stay where they are: the model reads padded tables (it cuts logits to the
     # vocabulary), so nothing needs copying to the host and back.
     params = {**frozen, **state.trainable}
-    generate.write_generations(workdir, prepared.model_cfg, params, prepared.tokenizer, step=int(state.step), demo=True)
+    # A real model gets the study's prompt and settings, the demo its own short ones.
+    generate.write_generations(workdir, prepared.model_cfg, params, prepared.tokenizer, step=int(state.step),
+                               demo=cfg.model == DEMO_SOURCE)

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wake2vec import padding
 from wake2vec.config import ModelConfig
 
 Params = dict[str, Any]
@@ -244,7 +245,7 @@ def head_matrix(cfg: ModelConfig, params: Params) -> jax.Array:
 
 def logits_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """(B, T, D) hidden -> (B, T, cfg.vocab_size) float32 logits (padding rows dropped)."""
-    head = head_matrix(cfg, params)[: cfg.vocab_size]
+    head = padding.unpad_table(head_matrix(cfg, params), cfg.vocab_size)
     return jnp.einsum("btd,vd->btv", hidden, head.astype(jnp.float32), preferred_element_type=jnp.float32)
 
 

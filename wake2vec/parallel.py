@@ -11,8 +11,8 @@ The mesh has two axes, ('data', 'model'):
   TinyLlama's size it is 2.2 GB in bf16 per device.
 
 The vocabulary is padded to a multiple of 128 x |model| so the table shards evenly and
-XLA tiles the head matmul cleanly; the padding rows are masked out of the softmax
-(wake2vec.train) and dropped on export.
+XLA tiles the head matmul cleanly; wake2vec.padding adds and cuts those rows and says
+why no statistic sees them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import logging
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from wake2vec import padding
 
 DATA, MODEL = "data", "model"
 
@@ -53,8 +55,8 @@ def make_mesh(spec: str = "", devices=None) -> Mesh:
 
 
 def padded_vocab(vocab_size: int, mesh: Mesh) -> int:
-    multiple = 128 * mesh.shape[MODEL]
-    return -(-vocab_size // multiple) * multiple
+    """The table's row count on this mesh (wake2vec.padding owns the rule)."""
+    return padding.padded_rows(vocab_size, mesh.shape[MODEL])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

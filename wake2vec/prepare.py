@@ -19,7 +19,7 @@ import pathlib
 
 import numpy as np
 
-from wake2vec import convert, data, demo, vocab, workdir as records
+from wake2vec import convert, data, demo, optim, vocab, workdir as records
 from wake2vec.config import DEMO_SOURCE, ModelConfig, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 from wake2vec.model import REMAT_POLICIES
@@ -51,6 +51,7 @@ def validate_flags(cfg: TrainConfig) -> None:
         "schedule": ("cosine", "linear", "constant"),
         "init": vocab.INIT_METHODS,
         "remat": tuple(REMAT_POLICIES),
+        "extend_schedule": ("",) + optim.EXTENSIONS,
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -141,6 +142,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     }
     stored = records.read_config(workdir)
     history = _check_against_stored(stored, cfg, hashes) if stored else []
+    schedule = optim.schedule_record(stored, cfg)
 
     vocab_stats = vocab.augment_tokenizer(tokenizer, words)
     ids = data.tokenize_corpus(tokenizer, text, cache_dir=workdir)
@@ -185,6 +187,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         "vocab": vocab_stats.as_dict(),
         "data": corpus_stats.as_dict(),
         "config_changes": history,
+        **schedule,
     }
     records.write_config(workdir, record)
     return PreparedRun(model_cfg, trainable, params, tokenizer, vocab_stats, corpus_stats, train_blocks, val_blocks, record)

@@ -146,8 +146,21 @@ def loss_sum_and_count(
     return total, jnp.sum(weights)
 
 
+def all_finite(tree) -> jax.Array:
+    """True if every floating-point element of every leaf is finite."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+
+
 def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, settings: StepSettings) -> Callable:
-    """train_step(state, frozen, batch (accum, B, T)) -> (state, metrics); not yet jitted."""
+    """train_step(state, frozen, batch (accum, B, T)) -> (state, metrics); not yet jitted.
+
+    metrics: `loss` (mean next-token loss of the step, computed before its update),
+    `grad_norm` (global L2 norm of the trainable rows' gradient before any mask or clip,
+    the figure HF Trainer logs), `lr` (the rate this step used) and `finite`: False when
+    the loss, the gradient or the new state holds a NaN or an inf, in which case the
+    returned state is the input state, unchanged (step counter included).
+    """
 
     def mean_loss(trainable, frozen, ids):
         total, count = loss_sum_and_count(trainable, frozen, ids, jnp.ones(ids.shape[0]), settings)
@@ -171,8 +184,13 @@ def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, 
         full_params = {**frozen, **state.trainable}
         updates, opt_state = tx.update(optim.gradient_tree(grads, frozen), state.opt_state, full_params)
         trainable = optax.apply_updates(state.trainable, {k: updates[k] for k in state.trainable})
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        return TrainState(state.step + 1, trainable, opt_state), metrics
+        new_state = TrainState(state.step + 1, trainable, opt_state)
+        # A finite loss says nothing about the update it produced (an overflowing lr x update,
+        # an inf gradient), so the state itself is checked: a non-finite step is not applied.
+        finite = jnp.isfinite(loss) & all_finite((grads, trainable, opt_state))
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "finite": finite}
+        return new_state, metrics
 
     return train_step
 

@@ -30,7 +30,9 @@ LOSS_TABLE = "loss_table.md"
 LOSS_CURVE = "loss_curve.png"
 
 # Flags that change what a run reports or how it is launched, not what it computes.
-NON_SEMANTIC_FLAGS = frozenset({"workdir", "analyze", "generate_at_end", "allow_config_change", "distributed"})
+# extend_schedule acts once, on the rerun that changes --max_steps; its effect is recorded
+# in config.json's schedule_starts.
+NON_SEMANTIC_FLAGS = frozenset({"workdir", "analyze", "generate_at_end", "allow_config_change", "distributed", "extend_schedule"})
 
 
 class ConfigMismatchError(UserError, ValueError):
