@@ -1,4 +1,4 @@
-"""Exports a trained run as a HuggingFace model directory that transformers loads as is.
+r"""Exports a trained run as a HuggingFace model directory that transformers loads as is.
 
     python -m experiments.export_hf --workdir=W --out=DIR [--step=N]
 
@@ -12,48 +12,55 @@ which run and step it came from. Then, with no wake2vec installed:
 
 The frozen body is read from the run's model source and refused if its content hash
 changed since training (the trained rows belong to those weights); it is written in
-float32, which holds bf16 / fp16 sources exactly. Problems raise an exception that says
-what to fix, and the process exits non-zero.
+float32, which holds bf16 / fp16 sources exactly. Problems are one line saying what to
+fix, and the process exits 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
-from typing import Sequence
+from typing import ClassVar
 
-from absl import app, flags, logging
-
-from wake2vec import checkpoint, convert, vocab
-
-
-def define_flags() -> None:
-    """Defines this launcher's flags; called only when it runs, so importing it for its
-    functions (tests, other launchers) never collides with another launcher's flags."""
-    flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
-    flags.DEFINE_string("out", None, "Output directory (new or empty).", required=True)
-    flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest committed one.")
+from wake2vec import launcher
+from wake2vec.config import FlagError
+from wake2vec.errors import UserError
 
 
-FLAGS = flags.FLAGS
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Flags of experiments.export_hf."""
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "out")
+
+    # Training workdir to export.
+    workdir: str = ""
+    # Output directory (new or empty).
+    out: str = ""
+    # Checkpoint step to export; default the latest committed one.
+    step: int | None = None
+
 
 PROVENANCE = "wake2vec_export.json"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The workdir or the output directory cannot make a consistent export."""
 
 
 def export(workdir, out, step: int | None = None) -> int:
     """Writes the HF directory `out` from the run in `workdir`; returns the exported step."""
+    from wake2vec import checkpoint, convert, vocab, workdir as records
+
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out={out} is not empty; export into a new or empty directory")
+    records.writable_dir(out, "--out")
     cfg, params, step = checkpoint.load_params(workdir, step, as_numpy=True)
-    tokenizer_dir = workdir / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise ExportError(f"{tokenizer_dir} holds no tokenizer.json; the training run writes it before step 0")
+    record = records.read_config(workdir)
+    tokenizer_dir = records.verified_tokenizer_dir(workdir, record)
     tokens = len(vocab.load_base_tokenizer(tokenizer_dir))
     if tokens != cfg.vocab_size:
         raise ExportError(
@@ -65,20 +72,18 @@ def export(workdir, out, step: int | None = None) -> int:
     for path in tokenizer_dir.iterdir():
         if path.is_file():
             shutil.copy2(path, out / path.name)
-    record = json.loads((workdir / "config.json").read_text())
     provenance = {"workdir": str(workdir.resolve()), "step": step, "model_source": record["model_source"],
                   "source_hash": record["source_hash"], "vocab": record["vocab"]}
     (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     return step
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    step = export(FLAGS.workdir, FLAGS.out, FLAGS.step)
-    logging.info("exported step %d of %s to %s", step, FLAGS.workdir, FLAGS.out)
+def run(cfg: ExportConfig) -> str:
+    if not (cfg.workdir and cfg.out):
+        raise FlagError("--workdir and --out are both required: the run to export and a new or empty directory")
+    step = export(cfg.workdir, cfg.out, cfg.step)
+    return f"exported step {step} of {cfg.workdir} to {cfg.out}"
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    launcher.launch(ExportConfig, run, __doc__)

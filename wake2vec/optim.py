@@ -29,6 +29,9 @@ from wake2vec.config import TrainConfig
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 TRAINABLE_KEYS = ("embedding", "lm_head")
+# The names --optimizer and --schedule accept (the flag validation reads these).
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def param_labels(params: dict) -> dict:
