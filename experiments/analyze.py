@@ -150,6 +150,8 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
 def run(cfg: AnalyzeConfig) -> str:
     if bool(cfg.workdir) == bool(cfg.post):
         raise FlagError("give exactly one of --workdir or --post")
+    if cfg.seed < 0:
+        raise FlagError(f"--seed={cfg.seed} must be >= 0")
     if cfg.workdir:
         summary = analyze_workdir(cfg.workdir, step=cfg.step, out_dir=cfg.out_dir or None, seed=cfg.seed)
     else:

@@ -278,6 +278,7 @@ CASES = [
          r"t\.npy is not a readable \.npy file", setup=write("t.npy", b"riverrun\n")),
     Case("analyze: truncated config.json", "analyze", ("--workdir={W}",), 1, r"config\.json is not valid JSON",
          setup=truncate("config.json")),
+    Case("analyze: negative seed", "analyze", ("--workdir={W}", "--seed=-3"), 1, r"--seed=-3 must be >= 0"),
     Case("analyze: workdir and post", "analyze", ("--workdir={W}", "--post={T}/t.npy"), 1, r"exactly one of --workdir or --post"),
     Case("analyze: unwritable out_dir", "analyze", ("--workdir={W}", "--out_dir={W}/config.json/analysis"), 1,
          r"cannot write to .*config\.json/analysis \(Not a directory\); pass a writable --out_dir"),

@@ -184,17 +184,21 @@ def _corpus_ids(tokenizer, text: str, workdir: pathlib.Path, expected: str | Non
     return ids
 
 
-def _embeddings_pre(workdir: pathlib.Path, table: np.ndarray, expected: str | None) -> str:
-    """Writes (or checks) embeddings_pre.npy, the table before training; returns its sha256.
+def _embeddings_pre(workdir: pathlib.Path, table: np.ndarray, expected: str | None, resumed: bool) -> str:
+    """Writes (or keeps) embeddings_pre.npy, the table before training; returns its sha256.
 
-    The grown table is a pure function of the hash-checked sources and the seed, so a file
-    that no longer matches the recorded hash is rewritten from it, with a warning.
+    A resumed run keeps the file it started with: the one matching the recorded hash, or,
+    for a run recorded before hashes were, the file as it is. The grown table is a pure
+    function of the hash-checked sources and the seed, so a file that no longer matches
+    the recorded hash is rewritten from it, with a warning.
     """
     path = workdir / EMBEDDINGS_PRE
-    if expected is not None and path.is_file() and records.file_sha256(path) == expected:
-        return expected
-    if expected is not None and path.is_file():
-        logging.warning("%s does not match the sha256 in config.json (damaged?); rewriting it", path)
+    if path.is_file():
+        digest = records.file_sha256(path)
+        if digest == expected or (expected is None and resumed):
+            return digest
+        if expected is not None:
+            logging.warning("%s does not match the sha256 in config.json (damaged?); rewriting it", path)
     records.atomic_save_npy(path, table)
     digest = records.file_sha256(path)
     if expected is not None and digest != expected:
@@ -291,7 +295,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         # A different seed, so the head's new rows are not copies of the input rows.
         trainable["lm_head"] = {"kernel": np.ascontiguousarray(_grow(base_head, vocab_stats, cfg, cfg.seed + 1, piece_ids).T)}
 
-    embeddings_pre_sha256 = _embeddings_pre(workdir, table, stored.get("embeddings_pre_sha256"))
+    embeddings_pre_sha256 = _embeddings_pre(workdir, table, stored.get("embeddings_pre_sha256"), resumed=bool(stored))
 
     model_cfg = source_cfg.replace(vocab_size=vocab_stats.total, tie_word_embeddings=cfg.tie_embeddings)
     record = {
