@@ -1,4 +1,4 @@
-"""Runs the embedding analysis: writes summary.json and embedding_analysis.png.
+r"""Runs the embedding analysis: writes summary.json and embedding_analysis.png.
 
 From a training workdir (the table of its latest or a given checkpoint step, its
 embeddings_pre.npy, its tokenizer and the base vocabulary size from its config.json):
@@ -10,46 +10,69 @@ From tables anywhere (.npy, rows x dims; --pre and --tokenizer optional):
     python -m experiments.analyze --post=a.npy --pre=b.npy --base_vocab_size=32000 \
         --tokenizer=DIR [--out_dir=DIR]                        # default: beside a.npy, in analysis/
 
-Bad inputs (a missing file, pre and post of different shapes, base_vocab_size that leaves
-no new rows) raise an exception that says what to fix, and the process exits non-zero.
+Bad inputs (a missing or unreadable file, pre and post of different shapes,
+base_vocab_size that leaves no new rows, an output directory that cannot be written) are
+one line saying what to fix, and the process exits 1.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import logging
 import pathlib
-from typing import Sequence
+from typing import ClassVar
 
 import numpy as np
-from absl import app, flags, logging
 
-from wake2vec.analysis import report
-
-
-def define_flags() -> None:
-    """Defines this launcher's flags; called only when it runs, so importing it for its
-    functions (tests, other launchers) never collides with another launcher's flags."""
-    flags.DEFINE_string("workdir", None, "Training workdir to analyse; writes WORKDIR/analysis/.")
-    flags.DEFINE_integer("step", None, "Checkpoint step to analyse (with --workdir); default the latest.")
-    flags.DEFINE_string("post", None, "Trained table as .npy (rows x dims), instead of --workdir.")
-    flags.DEFINE_string("pre", None, "Pre-training table as .npy, same shape as --post; enables drift.")
-    flags.DEFINE_integer("base_vocab_size", None, "With --post: rows [:N] are the base vocabulary.")
-    flags.DEFINE_string("tokenizer", None, "With --post: tokenizer directory, for token names.")
-    flags.DEFINE_string("out_dir", None, "Output directory; default WORKDIR/analysis or <dir of --post>/analysis.")
-    flags.DEFINE_integer("seed", 0, "Seed of every subsample; fixes the summary.")
+from wake2vec import launcher, workdir as records
+from wake2vec.config import FlagError
+from wake2vec.errors import UserError
 
 
-FLAGS = flags.FLAGS
+class AnalysisInputError(UserError, ValueError):
+    """A table, tokenizer or workdir the analysis was pointed at is unusable."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file the analysis needs does not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeConfig:
+    """Flags of experiments.analyze: a workdir, or tables given as files."""
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "post", "pre", "tokenizer", "out_dir")
+
+    # Training workdir to analyse; writes WORKDIR/analysis/.
+    workdir: str = ""
+    # Checkpoint step to analyse (with --workdir); default the latest.
+    step: int | None = None
+    # Trained table as .npy (rows x dims), instead of --workdir.
+    post: str = ""
+    # Pre-training table as .npy, same shape as --post; enables drift.
+    pre: str = ""
+    # With --post: rows [:N] are the base vocabulary.
+    base_vocab_size: int | None = None
+    # With --post: tokenizer directory, for token names.
+    tokenizer: str = ""
+    # Output directory; default WORKDIR/analysis or <dir of --post>/analysis.
+    out_dir: str = ""
+    # Seed of every subsample; fixes the summary.
+    seed: int = 0
 
 
 def load_table(path) -> np.ndarray:
     """A 2-D float table from a .npy file."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no table at {path}: pass the path of a .npy file holding a (rows x dims) array")
-    table = np.load(path)
-    if table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
-        raise ValueError(f"{path} holds a {table.dtype} array of shape {table.shape}; expected 2-D float (rows x dims)")
+        raise MissingInputError(f"no table at {path}: pass the path of a .npy file holding a (rows x dims) array")
+    try:
+        table = np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+        raise AnalysisInputError(f"{path} is not a readable .npy file ({e}); pass a table saved with numpy.save") from None
+    if not isinstance(table, np.ndarray) or table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
+        raise AnalysisInputError(f"{path} holds a {getattr(table, 'dtype', type(table))} array of shape "
+                                 f"{getattr(table, 'shape', '?')}; expected 2-D float (rows x dims)")
     return table
 
 
@@ -57,56 +80,69 @@ def load_id_to_token(tokenizer_dir, n_rows: int) -> list[str | None]:
     """Token string of each of n_rows ids (added tokens included), None past the tokenizer's vocabulary."""
     tokenizer_dir = pathlib.Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"no tokenizer directory at {tokenizer_dir}: pass a save_pretrained() directory")
+        raise MissingInputError(f"no tokenizer directory at {tokenizer_dir}: pass a save_pretrained() directory")
     from transformers import AutoTokenizer  # heavy import, only when names are asked for
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as e:
+        raise AnalysisInputError(f"cannot load a tokenizer from {tokenizer_dir} ({e})") from None
     known = min(len(tokenizer), n_rows)
     return list(tokenizer.convert_ids_to_tokens(list(range(known)))) + [None] * (n_rows - known)
+
+
+def _check_base_size(base_vocab_size: int, rows: int) -> None:
+    if not 0 < base_vocab_size < rows:
+        raise AnalysisInputError(f"--base_vocab_size={base_vocab_size} must leave new rows: the table has {rows}, "
+                                 "so pass a size in [1, rows)")
 
 
 def analyze_files(post_path, base_vocab_size: int, out_dir=None, *, pre_path=None, tokenizer_dir=None,
                   seed: int = 0) -> dict:
     """Analysis of .npy tables from anywhere; returns the summary written to out_dir."""
+    from wake2vec.analysis import report
+
     E_post = load_table(post_path)
+    _check_base_size(base_vocab_size, E_post.shape[0])
     E_pre = load_table(pre_path) if pre_path is not None else None
     if E_pre is not None and E_pre.shape != E_post.shape:
-        raise ValueError(f"--pre {pre_path} has shape {E_pre.shape} but --post {post_path} has {E_post.shape}; "
-                         "they must be the same table before and after training")
+        raise AnalysisInputError(f"--pre {pre_path} has shape {E_pre.shape} but --post {post_path} has {E_post.shape}; "
+                                 "they must be the same table before and after training")
     tokens = load_id_to_token(tokenizer_dir, E_post.shape[0]) if tokenizer_dir is not None else None
-    out_dir = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(post_path).parent / "analysis"
+    out_dir = records.writable_dir(pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(post_path).parent / "analysis",
+                                   "--out_dir")
     source = {"post": str(post_path), "pre": None if pre_path is None else str(pre_path)}
     return report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source)
 
 
 def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int = 0) -> dict:
     """Analysis of a training workdir's checkpoint (the latest, or `step`)."""
+    from wake2vec.analysis import report
+
     workdir = pathlib.Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: is {workdir} a wake2vec training workdir?")
-    config = json.loads(config_path.read_text())
+    config = records.read_config(workdir)
+    if config is None:
+        raise MissingInputError(f"{workdir / records.CONFIG} not found: is {workdir} a wake2vec training workdir?")
     try:
         base_vocab_size = int(config["vocab"]["base_size"])
-    except (KeyError, TypeError) as error:
-        raise KeyError(f"{config_path} has no vocab.base_size; use --post/--pre/--base_vocab_size instead") from error
-    pre_path = workdir / "embeddings_pre.npy"
-    if not pre_path.is_file():
-        raise FileNotFoundError(f"{pre_path} not found: drift needs the pre-training snapshot. To analyse without "
-                                "drift, export the table and use --post (without --pre)")
+    except (KeyError, TypeError, ValueError):
+        raise AnalysisInputError(f"{workdir / records.CONFIG} has no vocab.base_size; use --post/--pre/--base_vocab_size "
+                                 "instead") from None
+    out_dir = records.writable_dir(pathlib.Path(out_dir) if out_dir is not None else workdir / "analysis", "--out_dir")
+    E_pre = records.verified_npy(workdir / "embeddings_pre.npy", config.get("embeddings_pre_sha256"),
+                                 "rerun the training command on this workdir to rewrite it, or analyse without drift "
+                                 "(export the table and use --post without --pre)")
     from wake2vec import checkpoint  # pulls in JAX and Orbax; only this mode needs them
 
     E_post, loaded_step = checkpoint.load_table(workdir, step=step)  # padding rows already cut
-    E_pre = load_table(pre_path)
     if E_pre.shape != E_post.shape:
-        raise ValueError(f"{pre_path} has shape {E_pre.shape} but the step-{loaded_step} table has {E_post.shape}")
-    tokenizer_dir = workdir / "tokenizer"
+        raise AnalysisInputError(f"{workdir / 'embeddings_pre.npy'} has shape {E_pre.shape} but the step-{loaded_step} "
+                                 f"table has {E_post.shape}")
     tokens = None
-    if tokenizer_dir.is_dir():
-        tokens = load_id_to_token(tokenizer_dir, E_post.shape[0])
+    if (workdir / records.TOKENIZER_DIR).is_dir():
+        tokens = load_id_to_token(records.verified_tokenizer_dir(workdir, config), E_post.shape[0])
     else:
-        logging.warning("%s not found: token names will be null", tokenizer_dir)
-    out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / "analysis"
+        logging.warning("%s not found: token names will be null", workdir / records.TOKENIZER_DIR)
     source = {"workdir": str(workdir), "step": int(loaded_step)}
     summary = report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source)
     from wake2vec import tboard
@@ -116,21 +152,20 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
     return summary
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if (FLAGS.workdir is None) == (FLAGS.post is None):
-        raise app.UsageError("give exactly one of --workdir or --post")
-    if FLAGS.workdir is not None:
-        summary = analyze_workdir(FLAGS.workdir, step=FLAGS.step, out_dir=FLAGS.out_dir, seed=FLAGS.seed)
+def run(cfg: AnalyzeConfig) -> str:
+    if bool(cfg.workdir) == bool(cfg.post):
+        raise FlagError("give exactly one of --workdir or --post")
+    if cfg.seed < 0:
+        raise FlagError(f"--seed={cfg.seed} must be >= 0")
+    if cfg.workdir:
+        summary = analyze_workdir(cfg.workdir, step=cfg.step, out_dir=cfg.out_dir or None, seed=cfg.seed)
     else:
-        if FLAGS.base_vocab_size is None:
-            raise app.UsageError("--post needs --base_vocab_size (rows [:N] are the base vocabulary)")
-        summary = analyze_files(FLAGS.post, FLAGS.base_vocab_size, FLAGS.out_dir, pre_path=FLAGS.pre,
-                                tokenizer_dir=FLAGS.tokenizer, seed=FLAGS.seed)
-    logging.info("analysis written: %s", summary["meta"]["source"])
+        if cfg.base_vocab_size is None:
+            raise FlagError("--post needs --base_vocab_size (rows [:N] are the base vocabulary)")
+        summary = analyze_files(cfg.post, cfg.base_vocab_size, cfg.out_dir or None, pre_path=cfg.pre or None,
+                                tokenizer_dir=cfg.tokenizer or None, seed=cfg.seed)
+    return f"analysis written: {summary['meta']['source']}"
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    launcher.launch(AnalyzeConfig, run, __doc__)

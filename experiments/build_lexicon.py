@@ -12,24 +12,44 @@ is measured on the very text and pieces that Phase 1 will see.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
-from typing import Sequence
+from typing import ClassVar
 
-from absl import app, flags
+from wake2vec import launcher
+from wake2vec.config import FlagError
+from wake2vec.errors import UserError
 
-from wake2vec import data, lexicon_builder, vocab
 
-_CORPUS = flags.DEFINE_string("corpus", None, "UTF-8 text to take the coinages from.")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "The base model's tokenizer: a directory holding tokenizer.json, or the file itself."
-)
-_OUT = flags.DEFINE_string("out", None, "Where to write the lexicon, one word per line.")
-_MIN_COUNT = flags.DEFINE_integer("min_count", 2, "Keep words the corpus uses at least this many times.")
-_MIN_PIECES = flags.DEFINE_integer("min_pieces", 3, "Keep words the tokenizer splits into at least this many pieces.")
-_MAX_WORDS = flags.DEFINE_integer("max_words", 0, "Keep at most this many words, best ranked first; 0: all.")
-_FREQUENCY_LIST = flags.DEFINE_string(
-    "frequency_list", "", "Optional general-use frequency list, 'word<TAB>count' per line; ranks rarest first."
-)
+class FrequencyListError(UserError, ValueError):
+    """The --frequency_list file has a line that is not 'word<TAB>count'."""
+
+
+class LexiconEmptyError(UserError, ValueError):
+    """No word of the corpus passes the thresholds."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildLexiconConfig:
+    """Flags of experiments.build_lexicon."""
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("corpus", "tokenizer", "out", "frequency_list")
+
+    # UTF-8 text to take the coinages from.
+    corpus: str = ""
+    # The base model's tokenizer: a directory holding tokenizer.json, or the file itself.
+    tokenizer: str = ""
+    # Where to write the lexicon, one word per line.
+    out: str = ""
+    # Keep words the corpus uses at least this many times.
+    min_count: int = 2
+    # Keep words the tokenizer splits into at least this many pieces.
+    min_pieces: int = 3
+    # Keep at most this many words, best ranked first; 0: all.
+    max_words: int = 0
+    # Optional general-use frequency list, 'word<TAB>count' per line; ranks rarest first.
+    frequency_list: str = ""
+
 
 _REPORT_TOP = 10
 
@@ -45,20 +65,25 @@ def write_lexicon(
     frequency_list: str,
 ) -> str:
     """Selects the lexicon of `corpus`, writes it to `out` and returns the report to print."""
+    from wake2vec import data, lexicon_builder, vocab, workdir as records
+
     text = data.read_corpus(corpus)
-    frequency = lexicon_builder.read_frequency_list(frequency_list) if frequency_list else None
+    try:
+        frequency = lexicon_builder.read_frequency_list(frequency_list) if frequency_list else None
+    except ValueError as e:  # the reader names the file and line
+        raise FrequencyListError(str(e)) from None
     count_pieces = lexicon_builder.piece_counter(vocab.load_base_tokenizer(tokenizer))
     entries = lexicon_builder.build_lexicon(
         text, count_pieces, min_count=min_count, min_pieces=min_pieces, max_words=max_words, frequency=frequency
     )
     if not entries:
-        raise ValueError(
+        raise LexiconEmptyError(
             f"no word of {corpus} occurs at least {min_count} times and splits into at least {min_pieces} "
             "pieces; lower --min_count or --min_pieces, or check that --tokenizer is the base model's"
         )
     out_path = pathlib.Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("".join(entry.word + "\n" for entry in entries), encoding="utf-8")
+    records.atomic_write_text(out_path, "".join(entry.word + "\n" for entry in entries))
 
     counts = lexicon_builder.count_words(text)
     frequent = sum(1 for count in counts.values() if count >= min_count)
@@ -73,22 +98,16 @@ def write_lexicon(
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every input is a --flag")
-    print(
-        write_lexicon(
-            _CORPUS.value,
-            _TOKENIZER.value,
-            _OUT.value,
-            min_count=_MIN_COUNT.value,
-            min_pieces=_MIN_PIECES.value,
-            max_words=_MAX_WORDS.value,
-            frequency_list=_FREQUENCY_LIST.value,
-        )
-    )
+def run(cfg: BuildLexiconConfig) -> str:
+    missing = [f"--{name}" for name in ("corpus", "tokenizer", "out") if not getattr(cfg, name)]
+    if missing:
+        raise FlagError(f"{', '.join(missing)} required: the text, the base tokenizer and where to write the lexicon")
+    for name, low in (("min_count", 1), ("min_pieces", 1), ("max_words", 0)):
+        if getattr(cfg, name) < low:
+            raise FlagError(f"--{name}={getattr(cfg, name)} must be at least {low}")
+    return write_lexicon(cfg.corpus, cfg.tokenizer, cfg.out, min_count=cfg.min_count, min_pieces=cfg.min_pieces,
+                         max_words=cfg.max_words, frequency_list=cfg.frequency_list)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["corpus", "tokenizer", "out"])
-    app.run(main)
+    launcher.launch(BuildLexiconConfig, run, __doc__)

@@ -1,4 +1,4 @@
-"""Exports a trained run as a HuggingFace model directory that transformers loads as is.
+r"""Exports a trained run as a HuggingFace model directory that transformers loads as is.
 
     python -m experiments.export_hf --workdir=W --out=DIR [--step=N]
 
@@ -18,40 +18,44 @@ float32 when it names none), so a bf16 TinyLlama run exports at about 2.6 GB, no
 float32, as trained, and config.json names float32 then, so `from_pretrained(DIR)` loads
 the table bit for bit (and the body upcast exactly); `dtype=torch.bfloat16` there rounds
 the table. config.json is the source's as it came (a list eos_token_id stays a list),
-with the grown vocab_size, the run's tying and the dtype. Problems raise an exception
-that says what to fix, and the process exits non-zero.
+with the grown vocab_size, the run's tying and the dtype. Problems are one line saying
+what to fix, and the process exits 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
-from typing import Sequence
+from typing import ClassVar
 
-from absl import app, flags, logging
-
-from wake2vec import checkpoint, convert, vocab
-from wake2vec.config import dtype_from_name
-
-
-def define_flags() -> None:
-    """Defines this launcher's flags; called only when it runs, so importing it for its
-    functions (tests, other launchers) never collides with another launcher's flags."""
-    flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
-    flags.DEFINE_string("out", None, "Output directory (new or empty).", required=True)
-    flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest committed one.")
-    flags.DEFINE_enum("body_dtype", SOURCE_DTYPE, [SOURCE_DTYPE, "float32"],
-                      "Dtype of the frozen body in the export: the source's own, or float32.")
+from wake2vec import launcher
+from wake2vec.config import FlagError
+from wake2vec.errors import UserError
 
 
-FLAGS = flags.FLAGS
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Flags of experiments.export_hf."""
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "out")
+
+    # Training workdir to export.
+    workdir: str = ""
+    # Output directory (new or empty).
+    out: str = ""
+    # Checkpoint step to export; default the latest committed one.
+    step: int | None = None
+    # Dtype of the frozen body in the export: "source" (the source's own) or "float32".
+    body_dtype: str = "source"
+
 
 PROVENANCE = "wake2vec_export.json"
-SOURCE_DTYPE = "source"
+SOURCE_DTYPE = ExportConfig.body_dtype
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The workdir or the output directory cannot make a consistent export."""
 
 
@@ -63,9 +67,13 @@ def source_dtype(source_config: dict) -> str:
 
 def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE) -> int:
     """Writes the HF directory `out` from the run in `workdir`; returns the exported step."""
+    from wake2vec import checkpoint, convert, vocab, workdir as records
+    from wake2vec.config import dtype_from_name
+
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out={out} is not empty; export into a new or empty directory")
+    records.writable_dir(out, "--out")
     record = checkpoint.run_record(workdir)
     source_config_path = pathlib.Path(record["model_source"]) / "config.json"
     # load_params below says what to do when the source is missing.
@@ -73,9 +81,7 @@ def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE
     if body_dtype == SOURCE_DTYPE:
         body_dtype = source_dtype(source_config or {})
     cfg, params, step = checkpoint.load_params(workdir, step, as_numpy=True, body_dtype=dtype_from_name(body_dtype))
-    tokenizer_dir = workdir / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise ExportError(f"{tokenizer_dir} holds no tokenizer.json; the training run writes it before step 0")
+    tokenizer_dir = records.verified_tokenizer_dir(workdir, record)
     tokens = len(vocab.load_base_tokenizer(tokenizer_dir))
     if tokens != cfg.vocab_size:
         raise ExportError(
@@ -93,13 +99,14 @@ def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE
     return step
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    step = export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.body_dtype)
-    logging.info("exported step %d of %s to %s", step, FLAGS.workdir, FLAGS.out)
+def run(cfg: ExportConfig) -> str:
+    if not (cfg.workdir and cfg.out):
+        raise FlagError("--workdir and --out are both required: the run to export and a new or empty directory")
+    if cfg.body_dtype not in (SOURCE_DTYPE, "float32"):
+        raise FlagError(f"--body_dtype={cfg.body_dtype!r}; choose {SOURCE_DTYPE!r} (the source's own dtype) or 'float32'")
+    step = export(cfg.workdir, cfg.out, cfg.step, cfg.body_dtype)
+    return f"exported step {step} of {cfg.workdir} to {cfg.out}"
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    launcher.launch(ExportConfig, run, __doc__)

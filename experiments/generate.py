@@ -13,61 +13,72 @@ read beside the trained one. The prompt is encoded with the tokenizer's special 
 (Llama's BOS in front), as the study did; a row stops at the tokenizer's EOS. The
 tokenizer is loaded as training loads it (wake2vec.vocab.load_base_tokenizer).
 
-Writes W/generations.md (wake2vec.generate.write_generations): the prompt and settings,
-then one section per temperature and sample (0 means greedy) with the sample's key, and
-W/generations.json with the same samples, keys and token ids; prints one line per sample.
+Writes --out (default W/generations.md) through wake2vec.generate.write_generations: the
+prompt and settings, then one section per temperature and sample (0 means greedy) with the sample's
+key, and generations.json beside it with the same samples, keys and token ids; prints
+one line per sample. An existing file, such as the training run's own generations.md, is
+never replaced unless --overwrite is given; the file appears whole or not at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import pathlib
-from typing import Any, Sequence
+import tempfile
+from typing import Any, ClassVar
 
-from absl import app, flags
-import transformers
+from wake2vec import launcher
+from wake2vec.config import FlagError
 
-from wake2vec import config, convert, generate, vocab
-from wake2vec.config import ModelConfig
-
-_STUDY = generate.GenerationSettings()
-
-
-def define_flags() -> None:
-    """Defines this launcher's flags; called only when it runs, so importing it for its
-    functions (tests, other launchers) never collides with another launcher's flags."""
-    flags.DEFINE_string("workdir", None, "Run directory; generations.md is written here.")
-    flags.DEFINE_integer("step", None, "Checkpoint step to decode; default: the latest.")
-    flags.DEFINE_string(
-        "model", "", "Decode this HF checkpoint directory instead of the workdir's trained model."
-    )
-    flags.DEFINE_string(
-        "tokenizer", "", "Tokenizer directory (save_pretrained); default: W/tokenizer, or the --model directory."
-    )
-    flags.DEFINE_string("prompt", _STUDY.prompt, "Text to continue.")
-    flags.DEFINE_string(
-        "temperatures", ",".join(f"{t:g}" for t in _STUDY.temperatures),
-        "Comma-separated temperatures, one section each; 0 is greedy.",
-    )
-    flags.DEFINE_integer("max_new_tokens", _STUDY.max_new_tokens, "Tokens generated after the prompt.")
-    flags.DEFINE_integer("top_k", _STUDY.top_k, "Sample among the k most likely tokens; 0 disables.")
-    flags.DEFINE_float("top_p", _STUDY.top_p, "Nucleus sampling mass; 1 disables.")
-    flags.DEFINE_float(
-        "repetition_penalty", _STUDY.repetition_penalty,
-        "transformers' repetition penalty on ids already in the text; 1 disables.",
-    )
-    flags.DEFINE_integer("seed", _STUDY.seed, "Sampling seed; the same seed writes the same file.")
-    flags.DEFINE_integer("samples", _STUDY.samples, "Samples per temperature, each with its own recorded key.")
-    flags.DEFINE_string("compute_dtype", "float32", "Matmul and KV-cache dtype: float32 | bfloat16.")
+# The study's settings (wake2vec.generate.GenerationSettings), repeated as flag defaults so
+# --help need not import JAX; a test keeps the two equal.
+STUDY_PROMPT = "riverrun, past Eve and Adam's,"
 
 
-FLAGS = flags.FLAGS
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Flags of experiments.generate."""
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "model", "tokenizer", "out")
+
+    # Run directory: its trained model is decoded (unless --model) and the file goes here by default.
+    workdir: str = ""
+    # Checkpoint step to decode; default: the latest.
+    step: int | None = None
+    # Decode this HF checkpoint directory instead of the workdir's trained model.
+    model: str = ""
+    # Tokenizer directory (save_pretrained); default: W/tokenizer, or the --model directory.
+    tokenizer: str = ""
+    # Markdown file to write; empty: W/generations.md.
+    out: str = ""
+    # Replace --out if it exists (the training run's generations.md included).
+    overwrite: bool = False
+    # Text to continue.
+    prompt: str = STUDY_PROMPT
+    # Comma-separated temperatures, one section each; 0 is greedy.
+    temperatures: str = "0.5,0.7,0.9,1,1.2"
+    # Tokens generated after the prompt.
+    max_new_tokens: int = 256
+    # Sample among the k most likely tokens; 0 disables.
+    top_k: int = 50
+    # Nucleus sampling mass; 1 disables.
+    top_p: float = 0.92
+    # transformers' repetition penalty on ids already in the text; 1 disables.
+    repetition_penalty: float = 1.15
+    # Sampling seed; the same seed writes the same file.
+    seed: int = 0
+    # Samples per temperature, each with its own recorded key.
+    samples: int = 1
+    # Matmul and KV-cache dtype: float32 | bfloat16.
+    compute_dtype: str = "float32"
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:
-    """'0.5,0.7' -> (0.5, 0.7); raises ValueError naming the bad entry (ranges: GenerationSettings)."""
+    """'0.5,0.7' -> (0.5, 0.7); raises FlagError naming the bad entry (ranges: GenerationSettings)."""
     entries = [entry.strip() for entry in text.split(",")]
     if any(not entry for entry in entries):
-        raise ValueError(
+        raise FlagError(
             f"--temperatures={text!r} has an empty entry; pass comma-separated numbers such as 0.5,0.7,0.9"
         )
     temperatures = []
@@ -75,56 +86,78 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
         try:
             temperatures.append(float(entry))
         except ValueError:
-            raise ValueError(
+            raise FlagError(
                 f"--temperatures={text!r}: {entry!r} is not a number; pass comma-separated numbers such as 0.5,0.7"
             ) from None
     return tuple(temperatures)
 
 
-def load_model(
-    workdir: str, step: int | None, model_dir: str, tokenizer_dir: str
-) -> tuple[ModelConfig, Any, int | None, transformers.PreTrainedTokenizerBase, str]:
+def load_model(workdir: str, step: int | None, model_dir: str, tokenizer_dir: str) -> tuple[Any, Any, int | None, Any, str]:
     """(cfg, params, checkpoint step or None, tokenizer, a description of the source).
 
     The tokenizer is read as training reads it (wake2vec.vocab: tokenizer.json as saved), so
-    the prompt splits exactly as the corpus did.
+    the prompt splits exactly as the corpus did; a run's own tokenizer is checked against
+    the hash its config.json recorded.
     """
+    from wake2vec import convert, vocab, workdir as records
+
     if model_dir:
         if step is not None:
-            raise ValueError("--step selects a workdir checkpoint; it has no meaning with --model")
+            raise FlagError("--step selects a workdir checkpoint; it has no meaning with --model")
         cfg, params = convert.load_hf(model_dir)
         return cfg, params, None, vocab.load_base_tokenizer(tokenizer_dir or model_dir), f"HF checkpoint {model_dir}"
     # Imported here: the checkpoint module pulls in Orbax, which --model runs never need.
     from wake2vec import checkpoint
 
     cfg, params, loaded_step = checkpoint.load_params(workdir, step)
-    tokenizer = vocab.load_base_tokenizer(tokenizer_dir or pathlib.Path(workdir) / "tokenizer")
-    return cfg, params, loaded_step, tokenizer, f"run {workdir}"
+    if not tokenizer_dir:
+        tokenizer_dir = records.verified_tokenizer_dir(pathlib.Path(workdir), records.read_config(pathlib.Path(workdir)) or {})
+    return cfg, params, loaded_step, vocab.load_base_tokenizer(tokenizer_dir), f"run {workdir}"
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every input is a --flag")
+def output_path(cfg: GenerateConfig) -> pathlib.Path:
+    """Where the file goes, refused before any model is read if it would replace a file unasked."""
+    from wake2vec import generate
+
+    out = pathlib.Path(cfg.out) if cfg.out else pathlib.Path(cfg.workdir) / generate.GENERATIONS_FILE
+    if out.is_dir():
+        raise FlagError(f"--out={out} is a directory; name the markdown file to write")
+    if out.exists() and not cfg.overwrite:
+        raise FlagError(f"{out} exists (the training run's generations?); pass --out=OTHER.md, or --overwrite to replace it")
+    return out
+
+
+def run(cfg: GenerateConfig) -> str:
+    if not cfg.workdir:
+        raise FlagError("--workdir is required: the run to decode, or where to write with --model")
+    from wake2vec import config, generate
+
+    temperatures = parse_temperatures(cfg.temperatures)
     try:
         settings = generate.GenerationSettings(
-            prompt=FLAGS.prompt, temperatures=parse_temperatures(FLAGS.temperatures),
-            max_new_tokens=FLAGS.max_new_tokens, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-            repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed, samples=FLAGS.samples,
+            prompt=cfg.prompt, temperatures=temperatures,
+            max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, top_p=cfg.top_p,
+            repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, samples=cfg.samples,
         )
-        compute_dtype = config.dtype_from_name(FLAGS.compute_dtype)
-        cfg, params, step, tokenizer, source = load_model(
-            FLAGS.workdir, FLAGS.step, FLAGS.model, FLAGS.tokenizer
+        compute_dtype = config.dtype_from_name(cfg.compute_dtype)
+    except ValueError as err:  # GenerationSettings and dtype names check ranges with plain ValueErrors
+        raise FlagError(str(err)) from None
+    from wake2vec import workdir as records
+
+    out = output_path(cfg)
+    records.writable_dir(out.parent, "--out")
+    model_cfg, params, step, tokenizer, source = load_model(cfg.workdir, cfg.step, cfg.model, cfg.tokenizer)
+    # Written beside --out and renamed onto it: a kill never leaves half a file. The JSON
+    # twin (the same samples, keys and token ids) takes --out's name with .json.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".generate.") as staging:
+        written = generate.write_generations(
+            staging, model_cfg, params, tokenizer,
+            step=step, settings=settings, source=source, compute_dtype=compute_dtype,
         )
-    except (ValueError, FileNotFoundError) as err:
-        raise app.UsageError(str(err)) from err
-    out = generate.write_generations(
-        FLAGS.workdir, cfg, params, tokenizer,
-        step=step, settings=settings, source=source, compute_dtype=compute_dtype,
-    )
-    print(f"wrote {out}")
+        os.replace(written.with_suffix(".json"), out.with_suffix(".json"))
+        os.replace(written, out)
+    return f"wrote {out} and {out.with_suffix('.json')}"
 
 
 if __name__ == "__main__":
-    define_flags()
-    flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    launcher.launch(GenerateConfig, run, __doc__)

@@ -1,4 +1,4 @@
-"""Phase 1: inject a lexicon, train only the embedding table, analyse what moved.
+r"""Phase 1: inject a lexicon, train only the embedding table, analyse what moved.
 
     python -m experiments.train_p1                       # the embedded demo -> runs/demo
     python -m experiments.train_p1 --workdir=runs/tinyllama \
@@ -12,36 +12,26 @@ latest committed checkpoint.
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from absl import app
-from absl import logging as absl_logging
-
-from wake2vec import demo, flags as config_flags, loop
+from wake2vec import launcher
 from wake2vec.config import DEMO_SOURCE, TrainConfig
 
-config_flags.define_flags(TrainConfig)
+
+def demo_preset(cfg: TrainConfig, explicitly_set: set[str]) -> TrainConfig:
+    """The embedded demo's schedule for every flag the user did not set."""
+    if cfg.model != DEMO_SOURCE:
+        return cfg
+    from wake2vec import demo
+
+    return demo.apply_preset(cfg, explicitly_set)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-    cfg = config_flags.config_from_flags(TrainConfig)
-    if cfg.model == DEMO_SOURCE:
-        cfg = demo.apply_preset(cfg, config_flags.explicitly_set(TrainConfig))
-    logging.getLogger().setLevel(logging.INFO)
-    # Orbax narrates every save at INFO; keep the user's console for progress and warnings.
-    absl_logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
-    try:
-        result = loop.run(cfg)
-    except (ValueError, RuntimeError, OSError) as e:
-        # Errors here are the user's to act on (bad input, a changed source, a full disk):
-        # one clear line and a non-zero exit, not a traceback.
-        logging.error("%s: %s", type(e).__name__, e)
-        sys.exit(1)
-    print(f"done: {result.workdir} at step {result.final_step}")
+def run(cfg: TrainConfig) -> str:
+    # Imported here, so --help answers before JAX, Orbax and transformers load.
+    from wake2vec import loop
+
+    result = loop.run(cfg)
+    return f"done: {result.workdir} at step {result.final_step}"
 
 
 if __name__ == "__main__":
-    app.run(main)
+    launcher.launch(TrainConfig, run, __doc__, adjust=demo_preset)

@@ -26,7 +26,11 @@ def launch(workdir: pathlib.Path, *flags: str, **kwargs) -> subprocess.Completed
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The events as logged, without each line's checksum."""
+    from wake2vec.workdir import CRC_KEY
+
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in e.items() if k != CRC_KEY} for e in events]
 
 
 def final_table(workdir: pathlib.Path) -> np.ndarray:

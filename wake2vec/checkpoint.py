@@ -74,6 +74,12 @@ def checkpoint_dir(workdir) -> pathlib.Path:
     return pathlib.Path(workdir).absolute() / CHECKPOINTS
 
 
+def committed_steps(workdir) -> list[int]:
+    """The committed checkpoint steps of a workdir, from a directory listing (nothing restored)."""
+    directory = checkpoint_dir(workdir)
+    return _committed_steps(directory) if directory.is_dir() else []
+
+
 # --------------------------------------------------------------------------- sizes and disk
 
 

@@ -15,9 +15,7 @@ Two kinds of configuration live here:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
-
-import jax.numpy as jnp
+from typing import Any, ClassVar, Mapping
 
 from wake2vec.errors import UserError
 
@@ -26,11 +24,11 @@ class UnsupportedConfigError(UserError, ValueError):
     """A checkpoint uses a feature the Flax Llama does not implement."""
 
 
-_DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-}
+class FlagError(UserError, ValueError):
+    """A flag's value is out of range or names nothing; the message names the flag."""
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def dtype_from_name(name: str):
@@ -39,7 +37,11 @@ def dtype_from_name(name: str):
     key = aliases.get(name, name)
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)} (or fp32/bf16/fp16)")
-    return _DTYPES[key]
+    # Imported here: the launchers read this module for their flags, and --help should
+    # not wait for JAX.
+    import jax.numpy as jnp
+
+    return getattr(jnp, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +188,9 @@ class TrainConfig:
     256-token blocks, 1 x 16 accumulation, Adafactor at 5e-4, 3,000 steps, tied table,
     all rows training. `model="demo"` runs the embedded demo instead of a real checkpoint.
     """
+
+    # Fields holding paths: the launcher expands their `~`.
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "model", "tokenizer", "corpus", "lexicon")
 
     # Run directory: config, tokenizer, checkpoints, metrics, analysis all go here.
     workdir: str = "runs/demo"

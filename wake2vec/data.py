@@ -153,8 +153,14 @@ def tokenize_corpus(tokenizer, text: str, *, cache_dir: str | os.PathLike | None
     if cache_dir is not None:
         cache_path = pathlib.Path(cache_dir) / f"corpus_tokens_{corpus_cache_key(tokenizer, text)[:32]}.npy"
         if cache_path.is_file():
-            logging.info("corpus token ids read from cache %s", cache_path)
-            return np.load(cache_path)
+            try:
+                ids = np.load(cache_path)
+            except (OSError, ValueError, EOFError) as e:
+                # A cache only saves time: an unreadable one is rebuilt, not an error.
+                logging.warning("corpus token cache %s is unreadable (%s); re-tokenizing", cache_path, e)
+            else:
+                logging.info("corpus token ids read from cache %s", cache_path)
+                return ids
     ids = np.asarray(tokenizers_backend(tokenizer).encode(text, add_special_tokens=False).ids, dtype=np.int32)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)

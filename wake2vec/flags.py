@@ -36,12 +36,15 @@ def field_help(cls: type) -> dict[str, str]:
     return helps
 
 
+_DEFINERS = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer, "float": flags.DEFINE_float, "str": flags.DEFINE_string}
+
+
 def _define(field: dataclasses.Field, help_text: str, flag_values: flags.FlagValues) -> None:
-    default, kind = field.default, field.type
-    definer = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer, "float": flags.DEFINE_float, "str": flags.DEFINE_string}
-    if kind not in definer:
-        raise TypeError(f"field {field.name} has type {kind!r}; only bool/int/float/str map to flags")
-    definer[kind](field.name, default, help_text or field.name, flag_values=flag_values)
+    # "int | None" is an optional flag: None (its default) means "not given", e.g. --step.
+    kind = field.type.removesuffix(" | None")
+    if kind not in _DEFINERS:
+        raise TypeError(f"field {field.name} has type {field.type!r}; only bool/int/float/str (or X | None) map to flags")
+    _DEFINERS[kind](field.name, field.default, help_text or field.name, flag_values=flag_values)
 
 
 def define_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -62,11 +65,23 @@ def explicitly_set(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> se
 
 
 def _format_default(value: Any) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
     return repr(value)
+
+
+def help_listing(cls: type) -> str:
+    """`--help`'s listing: each flag with its default, then its help on the next line."""
+    helps = field_help(cls)
+    lines = []
+    for field in dataclasses.fields(cls):
+        lines.append(f"  --{field.name}  (default: {_format_default(field.default)})")
+        lines.append(f"      {helps.get(field.name, '')}")
+    return "\n".join(lines)
 
 
 def markdown_table(cls: type) -> str:

@@ -55,6 +55,7 @@ import numpy as np
 
 from wake2vec import model
 from wake2vec.config import ModelConfig
+from wake2vec.errors import UserError
 
 # The eos id the jitted loop sees when the caller wants no stopping: no token equals it.
 _NO_EOS = -1
@@ -205,6 +206,10 @@ def _decode(
     return jax.lax.while_loop(unfinished, step, state).tokens
 
 
+class PromptTooLongError(UserError, ValueError):
+    """The prompt and the requested continuation do not fit the model's positions."""
+
+
 def _validated_prompt(cfg: ModelConfig, prompt_ids: Any, max_new_tokens: int) -> np.ndarray:
     prompt = np.asarray(prompt_ids)
     if prompt.ndim != 2:
@@ -226,11 +231,17 @@ def _validated_prompt(cfg: ModelConfig, prompt_ids: Any, max_new_tokens: int) ->
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token")
-    if prompt.shape[1] + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(
+    room = cfg.max_position_embeddings - prompt.shape[1]
+    if room < 1:
+        raise PromptTooLongError(
+            f"the prompt is {prompt.shape[1]} tokens, which leaves no room for new tokens within the model's "
+            f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt to under that"
+        )
+    if max_new_tokens > room:
+        raise PromptTooLongError(
             f"prompt of {prompt.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
             f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or lower "
-            f"max_new_tokens to at most {cfg.max_position_embeddings - prompt.shape[1]}"
+            f"max_new_tokens to at most {room}"
         )
     return prompt.astype(np.int32)
 

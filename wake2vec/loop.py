@@ -25,12 +25,16 @@ import jax
 import numpy as np
 
 from wake2vec import checkpoint, convert, data, optim, padding, parallel, prepare, tboard, train, workdir as records
-from wake2vec.config import DEMO_SOURCE, TrainConfig, dtype_from_name
+from wake2vec.config import DEMO_SOURCE, FlagError, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 
 
 class NonFiniteStepError(UserError, RuntimeError):
     """A step's loss, gradient or update became NaN or infinite; it was not applied."""
+
+
+class WorkdirBusyError(UserError, RuntimeError):
+    """Another run holds the workdir's lock."""
 
 
 @dataclasses.dataclass
@@ -136,12 +140,13 @@ def exclusive_workdir(workdir: pathlib.Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
-            raise RuntimeError(f"{workdir} is in use by another wake2vec run; wait for it or choose another --workdir") from e
+            raise WorkdirBusyError(f"{workdir} is in use by another wake2vec run; wait for it or choose another --workdir") from e
         yield
 
 
 def run(cfg: TrainConfig) -> RunResult:
     parallel.maybe_initialize_distributed(cfg.distributed)
+    prepare.validate_flags(cfg)  # before the lock file: a bad flag leaves nothing behind
     with exclusive_workdir(pathlib.Path(cfg.workdir)):
         return _run_locked(cfg)
 
@@ -155,13 +160,10 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
         logging.info("--max_steps=0: workdir %s prepared; no training", workdir)
         return RunResult(workdir, 0, None, None)
 
-    mesh = parallel.make_mesh(cfg.mesh)
-    data_size = mesh.shape[parallel.DATA]
-    if cfg.batch_size % data_size:
-        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of the mesh's data axis ({data_size})")
+    mesh = parallel.make_mesh(cfg.mesh)  # its fit to the devices and the batch: prepare.validate_flags
     rows = record.get("padded_vocab") or parallel.padded_vocab(prepared.model_cfg.vocab_size, mesh)
     if rows % (padding.MULTIPLE * mesh.shape[parallel.MODEL]):
-        raise ValueError(f"this run's table has {rows} rows, which do not split over a model axis of {mesh.shape[parallel.MODEL]}; resume with the original --mesh")
+        raise FlagError(f"this run's table has {rows} rows, which do not split over a model axis of {mesh.shape[parallel.MODEL]}; resume with the original --mesh")
     if "padded_vocab" not in record:
         record["padded_vocab"] = rows
         records.write_config(workdir, record)
@@ -197,7 +199,7 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     else:
         start = int(state.step)
         logging.info("resuming from the committed checkpoint at step %d", start)
-    # Also with no checkpoint: a run killed before its first save left events past step 0.
+    # On every start, also before any commit: what follows `start` is re-logged identically.
     records.truncate_metrics(workdir, start)
     scalars = tboard.ScalarWriter(workdir, records.read_metrics(workdir))
 
@@ -280,19 +282,39 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
                 snapshots = workdir / "snapshots"
                 snapshots.mkdir(exist_ok=True)
                 records.atomic_save_npy(snapshots / f"embeddings_step_{done}.npy", _trained_table(state, prepared))
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        scalars.close()
-        events = records.read_metrics(workdir)
-        records.write_loss_table(workdir, events)
-        records.write_loss_curve(workdir, events)
+    except BaseException as error:
+        _close(ckpt, scalars, workdir, failed=error)
+        raise
+    _close(ckpt, scalars, workdir, failed=None)
 
     if cfg.analyze:
         _analyze(workdir, _trained_table(state, prepared), prepared, int(state.step))
     if cfg.generate_at_end:
         _generate(cfg, prepared, state, frozen)
     return RunResult(workdir, cfg.max_steps, progress.last_train, last_val)
+
+
+def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter, workdir: pathlib.Path, *,
+           failed: BaseException | None) -> None:
+    """Waits for the saves, closes Orbax and the TensorBoard writer, writes the loss table and curve.
+
+    After a failure each part is tried and its own error only logged: the user must see
+    the first error (a CheckpointDiskFullError, say), not the one the report then hits
+    on the same full disk.
+    """
+    def report():
+        events = records.read_metrics(workdir)
+        records.write_loss_table(workdir, events)
+        records.write_loss_curve(workdir, events)
+
+    for part in (ckpt.wait, ckpt.close, scalars.close, report):
+        if failed is None:
+            part()
+            continue
+        try:
+            part()
+        except Exception as later:
+            logging.warning("after %s, stopping also failed: %s: %s", type(failed).__name__, type(later).__name__, later)
 
 
 def _trained_table(state: train.TrainState, prepared: prepare.PreparedRun) -> np.ndarray:
@@ -306,7 +328,8 @@ def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.Prepare
     logging.info("analysing the trained table -> %s", workdir / "analysis")
     tokens = prepared.tokenizer.convert_ids_to_tokens(list(range(table.shape[0])))
     report.run_analysis(table, prepared.vocab_stats.base_size, workdir / "analysis",
-                        E_pre=np.load(workdir / prepare.EMBEDDINGS_PRE), tokens=tokens, seed=0)
+                        E_pre=records.verified_npy(workdir / prepare.EMBEDDINGS_PRE, prepared.record.get("embeddings_pre_sha256"),
+                                                 "rerun the same command: it rewrites the file from the run's sources"), tokens=tokens, seed=0)
     logging.info("exporting the table for TensorBoard's Embedding Projector -> %s", workdir / tboard.LOGDIR)
     tboard.write_projector(workdir / tboard.LOGDIR, table, prepared.vocab_stats.base_size, tokens,
                            name=f"trained table, step {step}")

@@ -51,6 +51,9 @@ from wake2vec.errors import UserError
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 TRAINABLE_KEYS = ("embedding", "lm_head")
+# The names --optimizer and --schedule accept (the flag validation reads these).
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 class ScheduleExtensionError(UserError, ValueError):

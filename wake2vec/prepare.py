@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import logging
+import math
 import pathlib
+import shutil
 
 import numpy as np
 
-from wake2vec import convert, data, demo, optim, vocab, workdir as records
-from wake2vec.config import DEMO_SOURCE, ModelConfig, TrainConfig, dtype_from_name
+from wake2vec import convert, data, demo, optim, parallel, vocab, workdir as records
+from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 from wake2vec.model import REMAT_POLICIES
 
@@ -35,7 +36,7 @@ class SourceChangedError(UserError, ValueError):
 class PreparedRun:
     model_cfg: ModelConfig  # vocabulary grown, tying as --tie_embeddings says
     trainable: dict  # host float32: {"embedding": (V, D)} and, untied, {"lm_head": {"kernel": (D, V)}}
-    frozen: dict  # host arrays in --frozen_dtype
+    frozen: dict | None  # host arrays in --frozen_dtype; None with --max_steps=0, which trains nothing
     tokenizer: object
     vocab_stats: vocab.VocabStats
     corpus_stats: data.CorpusStats
@@ -44,49 +45,95 @@ class PreparedRun:
     record: dict  # what config.json holds
 
 
+# (flag, holds, what the flag must be): every numeric range, checked by name.
+_RANGES = (
+    ("seq_len", lambda v: v >= 2, "at least 2 (a block predicts seq_len - 1 tokens)"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("grad_accum", lambda v: v >= 1, "at least 1"),
+    ("eval_every", lambda v: v >= 1, "at least 1"),
+    ("save_every", lambda v: v >= 1, "at least 1"),
+    ("log_every", lambda v: v >= 1, "at least 1"),
+    ("keep", lambda v: v >= 1, "at least 1"),
+    ("loss_chunk", lambda v: v >= 1, "at least 1"),
+    ("max_steps", lambda v: v >= 0, ">= 0 (0 prepares the workdir and exits)"),
+    ("eval_blocks", lambda v: v >= 0, ">= 0 (0 evaluates every validation block)"),
+    ("snapshot_every", lambda v: v >= 0, ">= 0 (0 disables snapshots)"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 disables it)"),
+    ("clip_norm", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 disables the clip)"),
+    ("val_fraction", lambda v: 0.0 < v < 1.0, "strictly between 0 and 1"),
+    ("warmup_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("init_noise_scale", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("init_sphere_factor", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("init_hewitt_eps", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+)
+
+
 def validate_flags(cfg: TrainConfig) -> None:
-    """Rejects impossible flag values with the flag's name, before anything is loaded."""
+    """Rejects impossible flag values with the flag's name, before anything is loaded or written.
+
+    The mesh is checked here too (it needs only the device count), so a run that cannot
+    start never leaves a config.json that a corrected command would be compared with.
+    """
+    if not cfg.workdir.strip():
+        raise FlagError("--workdir is empty; name the run directory, e.g. --workdir=runs/demo")
+    if not cfg.model.strip():
+        raise FlagError(f"--model is empty; pass a HF hub id, a checkpoint directory, or {DEMO_SOURCE!r}")
     choices = {
-        "optimizer": ("adafactor", "adamw"),
-        "schedule": ("cosine", "linear", "constant"),
+        "optimizer": tuple(optim.OPTIMIZERS),
+        "schedule": tuple(optim.SCHEDULES),
         "init": vocab.INIT_METHODS,
         "remat": tuple(REMAT_POLICIES),
         "extend_schedule": ("",) + optim.EXTENSIONS,
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name}={getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
+            raise FlagError(f"--{name}={getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
     for name in ("frozen_dtype", "compute_dtype"):
-        dtype_from_name(getattr(cfg, name))
-    positive = ("seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep", "loss_chunk")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must be at least 1")
-    if cfg.max_steps < 0:
-        raise ValueError(f"--max_steps={cfg.max_steps} must be >= 0 (0 prepares the workdir and exits)")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise ValueError(f"--val_fraction={cfg.val_fraction} must be strictly between 0 and 1")
-    if not 0.0 <= cfg.warmup_ratio < 1.0:
-        raise ValueError(f"--warmup_ratio={cfg.warmup_ratio} must be in [0, 1)")
+        try:
+            dtype_from_name(getattr(cfg, name))
+        except ValueError as e:
+            raise FlagError(f"--{name}: {e}") from None
+    for name, holds, requirement in _RANGES:
+        if not holds(getattr(cfg, name)):
+            raise FlagError(f"--{name}={getattr(cfg, name)} must be {requirement}")
     if cfg.model != DEMO_SOURCE and not (cfg.corpus and cfg.lexicon):
-        raise ValueError(
+        raise FlagError(
             f"--model={cfg.model!r} is a real checkpoint, so --corpus and --lexicon are required "
             "(only the embedded demo, --model=demo, brings its own text and lexicon)"
         )
+    if cfg.max_steps:
+        _validate_mesh(cfg)
 
 
-def file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _validate_mesh(cfg: TrainConfig) -> None:
+    import jax
+
+    try:
+        data_size, _ = parallel.parse_mesh(cfg.mesh, jax.device_count())
+    except ValueError as e:
+        raise FlagError(str(e)) from None
+    if cfg.batch_size % data_size:
+        raise FlagError(f"--batch_size={cfg.batch_size} must be a multiple of the mesh's data axis ({data_size}); "
+                        "change --batch_size or --mesh")
 
 
-def _check_against_stored(stored: dict, cfg: TrainConfig, hashes: dict[str, str]) -> list[dict]:
+def _check_against_stored(stored: dict, cfg: TrainConfig, hashes: dict[str, str], workdir: pathlib.Path) -> list[dict]:
     """Refuses a rerun whose settings or sources differ; returns the config-change history."""
+    from wake2vec import checkpoint  # Orbax: only a rerun on an existing run needs it
+
+    steps = checkpoint.committed_steps(workdir)
+    if cfg.max_steps and steps and steps[-1] > cfg.max_steps:
+        raise records.ConfigMismatchError(
+            f"{workdir} already holds a checkpoint at step {steps[-1]}, past --max_steps={cfg.max_steps}; "
+            f"a run cannot be shortened: pass --max_steps={steps[-1]} or more, or use a fresh --workdir"
+        )
     history = list(stored.get("config_changes", []))
     diffs = records.config_differences(stored.get("flags", {}), cfg)
+    if stored.get("flags", {}).get("max_steps") == 0:
+        # --max_steps=0 only prepared the workdir: the step count it gave is no setting.
+        diffs.pop("max_steps", None)
     if diffs:
         listing = records.describe_differences(diffs)
         if not cfg.allow_config_change:
@@ -107,6 +154,90 @@ def _check_against_stored(stored: dict, cfg: TrainConfig, hashes: dict[str, str]
     return history
 
 
+def _source_hashes(workdir: pathlib.Path, model_dir: pathlib.Path, corpus: pathlib.Path, lexicon: pathlib.Path) -> dict[str, str]:
+    """Content hashes of the three sources, each computed once per file state (cached)."""
+    body = [model_dir / "config.json", *convert.weight_files(model_dir)]
+    return {
+        "source_hash": records.cached_digest(workdir, "source", body, lambda: convert.source_hash(model_dir)),
+        "corpus_hash": records.cached_digest(workdir, "corpus", [corpus], lambda: records.file_sha256(corpus)),
+        "lexicon_hash": records.cached_digest(workdir, "lexicon", [lexicon], lambda: records.file_sha256(lexicon)),
+    }
+
+
+def _corpus_ids(tokenizer, text: str, workdir: pathlib.Path, expected: str | None) -> np.ndarray:
+    """The corpus's token ids, from the workdir's cache when it still holds what the run recorded.
+
+    A cache whose content no longer matches config.json's corpus_tokens_sha256 is rebuilt
+    with a warning: the ids are a pure function of the tokenizer and the (hash-checked) text.
+    """
+    ids = data.tokenize_corpus(tokenizer, text, cache_dir=workdir)
+    if expected is None or records.array_sha256(ids) == expected:
+        return ids
+    logging.warning("the corpus token cache in %s does not match config.json (damaged?); re-tokenizing", workdir)
+    for stale in workdir.glob("corpus_tokens_*.npy"):
+        stale.unlink()
+    ids = data.tokenize_corpus(tokenizer, text, cache_dir=workdir)
+    if records.array_sha256(ids) != expected:
+        raise SourceChangedError(
+            f"the corpus now tokenizes to other ids than this run recorded in {workdir / records.CONFIG}; "
+            "restore the corpus, lexicon and tokenizer it started with, or use a fresh --workdir"
+        )
+    return ids
+
+
+def _embeddings_pre(workdir: pathlib.Path, table: np.ndarray, expected: str | None, resumed: bool) -> str:
+    """Writes (or keeps) embeddings_pre.npy, the table before training; returns its sha256.
+
+    A resumed run keeps the file it started with: the one matching the recorded hash, or,
+    for a run recorded before hashes were, the file as it is. The grown table is a pure
+    function of the hash-checked sources and the seed, so a file that no longer matches
+    the recorded hash is rewritten from it, with a warning.
+    """
+    path = workdir / EMBEDDINGS_PRE
+    if path.is_file():
+        digest = records.file_sha256(path)
+        if digest == expected or (expected is None and resumed):
+            return digest
+        if expected is not None:
+            logging.warning("%s does not match the sha256 in config.json (damaged?); rewriting it", path)
+    records.atomic_save_npy(path, table)
+    digest = records.file_sha256(path)
+    if expected is not None and digest != expected:
+        raise SourceChangedError(
+            f"the initial table no longer matches {path}'s recorded sha256: its sources or --init flags changed; "
+            "restore them or use a fresh --workdir"
+        )
+    return digest
+
+
+def _save_tokenizer(tokenizer, workdir: pathlib.Path) -> str:
+    """Writes workdir/tokenizer/ by renaming a complete copy into place; returns tokenizer.json's sha256.
+
+    A kill leaves the old directory or the new one, plus at most a staging or retired
+    sibling that the next run clears; readers check tokenizer.json against config.json.
+    """
+    final = workdir / records.TOKENIZER_DIR
+    staging, retired = workdir / ".tokenizer.new", workdir / ".tokenizer.old"
+    for leftover in (staging, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    written = vocab.save_tokenizer(tokenizer, staging)
+    if final.exists():
+        final.rename(retired)
+    written.rename(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
+    return records.file_sha256(final / "tokenizer.json")
+
+
+def read_frozen_body(model_dir: pathlib.Path, frozen_dtype: str) -> dict:
+    """The source's transformer body as host arrays in --frozen_dtype, without the table and head."""
+    logging.info("reading %s (frozen body as %s)", model_dir, frozen_dtype)
+    _, params = convert.load_hf(str(model_dir), dtype=dtype_from_name(frozen_dtype), as_numpy=True)
+    params.pop("embedding")
+    params.pop("lm_head", None)
+    return params
+
+
 def _grow(table: np.ndarray, stats: vocab.VocabStats, cfg: TrainConfig, seed: int, piece_ids) -> np.ndarray:
     return vocab.grow_table(
         table, stats.added, cfg.init, seed=seed, noise_scale=cfg.init_noise_scale,
@@ -117,6 +248,7 @@ def _grow(table: np.ndarray, stats: vocab.VocabStats, cfg: TrainConfig, seed: in
 def prepare(cfg: TrainConfig) -> PreparedRun:
     validate_flags(cfg)
     workdir = pathlib.Path(cfg.workdir)
+    stored = records.read_config(workdir)  # before anything is written: a bad record fails first
     workdir.mkdir(parents=True, exist_ok=True)
 
     corpus_path, lexicon_path, model_spec = cfg.corpus, cfg.lexicon, cfg.model
@@ -135,24 +267,21 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     words = vocab.load_lexicon(lexicon_path)
     text = data.read_corpus(corpus_path, strip_banners=cfg.strip_banners, start_marker=cfg.start_marker)
 
-    hashes = {
-        "source_hash": convert.source_hash(model_dir),
-        "corpus_hash": file_sha256(pathlib.Path(corpus_path)),
-        "lexicon_hash": file_sha256(pathlib.Path(lexicon_path)),
-    }
-    stored = records.read_config(workdir)
-    history = _check_against_stored(stored, cfg, hashes) if stored else []
+    hashes = _source_hashes(workdir, model_dir, pathlib.Path(corpus_path), pathlib.Path(lexicon_path))
+    history = _check_against_stored(stored, cfg, hashes, workdir) if stored else []
     schedule = optim.schedule_record(stored, cfg)
+    stored = stored or {}
 
     vocab_stats = vocab.augment_tokenizer(tokenizer, words)
-    ids = data.tokenize_corpus(tokenizer, text, cache_dir=workdir)
+    ids = _corpus_ids(tokenizer, text, workdir, stored.get("corpus_tokens_sha256"))
     blocks = data.make_blocks(ids, cfg.seq_len)
     train_blocks, val_blocks = data.split_blocks(blocks, cfg.val_fraction, cfg.split_shuffle_seed)
     corpus_stats = data.CorpusStats(len(ids), len(train_blocks), len(val_blocks), cfg.seq_len)
-    vocab.save_tokenizer(tokenizer, workdir)
+    tokenizer_sha256 = _save_tokenizer(tokenizer, workdir)
 
-    logging.info("reading %s (frozen body as %s)", model_dir, cfg.frozen_dtype)
-    _, params = convert.load_hf(str(model_dir), dtype=dtype_from_name(cfg.frozen_dtype), as_numpy=True)
+    params = convert.load_vocab_rows(model_dir)
+    # Read (and so checked) before config.json is written; preparing alone needs only the rows.
+    frozen = read_frozen_body(model_dir, cfg.frozen_dtype) if cfg.max_steps else None
     piece_ids = None
     if cfg.init == "subword_mean":
         piece_ids = vocab.subword_piece_ids(vocab.load_base_tokenizer(tokenizer_path), vocab.added_words(tokenizer, vocab_stats.base_size))
@@ -168,12 +297,11 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         # A different seed, so the head's new rows are not copies of the input rows.
         trainable["lm_head"] = {"kernel": np.ascontiguousarray(_grow(base_head, vocab_stats, cfg, cfg.seed + 1, piece_ids).T)}
 
-    if stored is None or not (workdir / EMBEDDINGS_PRE).is_file():
-        records.atomic_save_npy(workdir / EMBEDDINGS_PRE, table)
+    embeddings_pre_sha256 = _embeddings_pre(workdir, table, stored.get("embeddings_pre_sha256"), resumed=bool(stored))
 
     model_cfg = source_cfg.replace(vocab_size=vocab_stats.total, tie_word_embeddings=cfg.tie_embeddings)
     record = {
-        **(stored or {}),
+        **stored,
         "flags": dataclasses.asdict(cfg),
         "command": records.command_line(),
         "versions": records.library_versions(),
@@ -183,6 +311,10 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         "corpus": str(pathlib.Path(corpus_path).resolve()),
         "lexicon": str(pathlib.Path(lexicon_path).resolve()),
         **hashes,
+        # What later steps trust is checked against these when read.
+        "corpus_tokens_sha256": records.array_sha256(ids),
+        "tokenizer_sha256": tokenizer_sha256,
+        "embeddings_pre_sha256": embeddings_pre_sha256,
         "model": dataclasses.asdict(model_cfg),
         "vocab": vocab_stats.as_dict(),
         "data": corpus_stats.as_dict(),
@@ -190,4 +322,4 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         **schedule,
     }
     records.write_config(workdir, record)
-    return PreparedRun(model_cfg, trainable, params, tokenizer, vocab_stats, corpus_stats, train_blocks, val_blocks, record)
+    return PreparedRun(model_cfg, trainable, frozen, tokenizer, vocab_stats, corpus_stats, train_blocks, val_blocks, record)

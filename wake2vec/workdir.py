@@ -4,27 +4,35 @@
   figures. On a rerun it is the reference the new invocation is compared with
   (`config_differences`), so a resumed run cannot silently train under other settings.
 * `metrics.jsonl`: one JSON object per log or eval event, appended and flushed as they
-  happen, so a crash loses nothing already logged. A resumed run first drops the events
-  after its checkpoint (`truncate_metrics`): they are re-logged identically.
+  happen, so a crash loses nothing already logged. Each line ends with a CRC-32 of the
+  event, so a garbled line is found and skipped (never the lines after it). Every start
+  first drops the events after its checkpoint (`truncate_metrics`): they are re-logged
+  identically, so a restart never duplicates one.
 * `loss_table.md` and `loss_curve.png`: the study's report, derived from metrics.jsonl.
 
-Every file is written to a temporary name and renamed, so a kill never leaves half a file.
+Every file is written to a temporary name and renamed, so a kill never leaves half a file;
+derived arrays are checked against the sha256 recorded in config.json when read
+(`verified_npy`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import pathlib
 import platform
 import sys
+import zlib
 from typing import Any, Iterable
 
 from wake2vec.config import TrainConfig
 from wake2vec.errors import UserError
 
 CONFIG = "config.json"
+HASH_CACHE = "hash_cache.json"
 METRICS = "metrics.jsonl"
 LOSS_TABLE = "loss_table.md"
 LOSS_CURVE = "loss_curve.png"
@@ -37,6 +45,14 @@ NON_SEMANTIC_FLAGS = frozenset({"workdir", "analyze", "generate_at_end", "allow_
 
 class ConfigMismatchError(UserError, ValueError):
     """A rerun on an existing workdir asks for different settings."""
+
+
+class OutputDirError(UserError, OSError):
+    """A directory a command must write into cannot be created or written."""
+
+
+class DerivedFileError(UserError, ValueError):
+    """A file the run derived (embeddings_pre.npy, the tokenizer) is missing or no longer matches its hash."""
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -52,6 +68,93 @@ def atomic_save_npy(path: pathlib.Path, array) -> None:
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_digest(workdir: pathlib.Path, name: str, files: list[pathlib.Path], compute) -> str:
+    """`compute()`, a content hash over `files`, unless this workdir hashed the same files
+    (path, size, mtime) before: a resumed TinyLlama run then skips re-reading 2.2 GB.
+
+    The cache trusts file metadata, which a rewrite changes; exports, which write the
+    body out, hash in full (checkpoint.load_params). A cache that does not parse is
+    ignored and rewritten: it only ever saves time.
+    """
+    cache_path = workdir / HASH_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    key = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    entry = cache.get(name) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and entry.get("files") == key and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = compute()
+    cache = cache if isinstance(cache, dict) else {}
+    cache[name] = {"files": key, "sha256": digest}
+    atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+    return digest
+
+
+def writable_dir(directory: pathlib.Path, flag: str) -> pathlib.Path:
+    """Creates `directory` and proves it writable (a probe file), before any work is done,
+    so a read-only or mistyped output path is one line naming `flag`, not a late traceback."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"cannot write to {directory} ({e.strerror}); pass a writable {flag}") from None
+    return directory
+
+
+def array_sha256(array) -> str:
+    """sha256 over an array's dtype, shape and bytes (C order)."""
+    import numpy as np
+
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def verified_tokenizer_dir(workdir: pathlib.Path, record: dict) -> pathlib.Path:
+    """workdir/tokenizer, after checking its tokenizer.json against config.json's tokenizer_sha256.
+
+    Runs recorded before the hash existed are read unchecked.
+    """
+    directory = workdir / TOKENIZER_DIR
+    remedy = "rerun the training command on this workdir (it rewrites the tokenizer), or use the run's backup"
+    if not (directory / "tokenizer.json").is_file():
+        raise DerivedFileError(f"{directory} holds no tokenizer.json; {remedy}")
+    expected = record.get("tokenizer_sha256")
+    if expected is not None and file_sha256(directory / "tokenizer.json") != expected:
+        raise DerivedFileError(f"{directory / 'tokenizer.json'} does not match the sha256 recorded in {CONFIG}; {remedy}")
+    return directory
+
+
+def verified_npy(path: pathlib.Path, expected_sha256: str | None, remedy: str):
+    """np.load of a derived array after checking its file against the hash its writer recorded."""
+    import numpy as np
+
+    if not path.is_file():
+        raise DerivedFileError(f"{path} is missing; {remedy}")
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+        raise DerivedFileError(f"{path} does not match the sha256 recorded in {CONFIG} (it was changed or damaged); {remedy}")
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        raise DerivedFileError(f"{path} cannot be read ({e}); {remedy}") from None
 
 
 def library_versions() -> dict[str, str]:
@@ -111,33 +214,65 @@ def command_line() -> str:
 # ---------------------------------------------------------------------------- metrics
 
 
+CRC_KEY = "crc32"
+
+
+def _metrics_line(event: dict) -> str:
+    """The event as JSON with a CRC-32 of its own serialisation as the last key."""
+    payload = json.dumps(event, allow_nan=False)
+    return f'{payload[:-1]}, "{CRC_KEY}": "{zlib.crc32(payload.encode()):08x}"}}\n'
+
+
+def _parse_metrics_line(line: str) -> dict | None:
+    """The event of a line, or None when it is torn or garbled (its CRC, if any, disagrees)."""
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("step"), int):
+        return None
+    crc = event.pop(CRC_KEY, None)
+    if crc is not None and crc != f"{zlib.crc32(json.dumps(event, allow_nan=False).encode()):08x}":
+        return None
+    return event
+
+
 def append_metrics(workdir: pathlib.Path, event: dict) -> None:
     with open(workdir / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(event, allow_nan=False) + "\n")
+        f.write(_metrics_line(event))
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    """Every intact event, in order. A damaged line is skipped, never what follows it: a
+    kill can only tear the last line (dropped quietly), and a line garbled later costs
+    that one event, with a warning."""
     path = workdir / METRICS
     if not path.is_file():
         return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is unreliable
+        event = _parse_metrics_line(line)
+        if event is not None:
+            events.append(event)
+        elif number < len(lines):
+            logging.warning("%s line %d is damaged; skipped (the events after it are kept)", path, number)
     return events
 
 
 def truncate_metrics(workdir: pathlib.Path, last_step: int) -> None:
-    """Keeps only events at steps <= last_step (a resume re-logs the rest identically)."""
+    """Keeps only intact events at steps <= last_step: the run resumes there and re-logs
+    the rest identically, so a restart never duplicates an event."""
+    if not (workdir / METRICS).is_file():
+        return
     kept = [e for e in read_metrics(workdir) if e["step"] <= last_step]
-    atomic_write_text(workdir / METRICS, "".join(json.dumps(e, allow_nan=False) + "\n" for e in kept))
+    atomic_write_text(workdir / METRICS, "".join(_metrics_line(e) for e in kept))
 
 
 def loss_rows(events: Iterable[dict]) -> list[tuple[int, float | None, float]]:

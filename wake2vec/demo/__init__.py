@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import shutil
 
 import jax
 
@@ -72,26 +73,32 @@ def build_sources(workdir: pathlib.Path, seed: int) -> DemoSources:
     """Creates (once) the demo's base model, tokenizer and lexicon under workdir/demo_sources.
 
     Existing files are reused, so a resumed demo reads the very same frozen body; the
-    training launcher checks its content hash like any other source.
+    training launcher checks its content hash like any other source. Each is built under
+    a temporary name and renamed into place, so a kill mid-write leaves nothing a later
+    run would take for a finished source.
     """
     from wake2vec.demo.tokenizer import train_demo_tokenizer
+    from wake2vec.workdir import atomic_write_text
 
     root = workdir / "demo_sources"
     model_dir = root / "base_model"
     lexicon_path = root / "lexicon.txt"
     text = SAMPLE_TEXT.read_text(encoding="utf-8")
-    if not (model_dir / "model.safetensors").is_file():
+    if not model_dir.is_dir():
+        staging = root / "base_model.partial"
+        shutil.rmtree(staging, ignore_errors=True)
         logging.info("demo: training a %d-piece base tokenizer on the bundled sample", DEMO_TOKENIZER_VOCAB)
         tokenizer = train_demo_tokenizer(text, vocab_size=DEMO_TOKENIZER_VOCAB)
         cfg = demo_model_config(len(tokenizer))
         logging.info("demo: writing a seeded random Llama (%.2f M parameters) to %s", cfg.num_params / 1e6, model_dir)
         params = model.init_params(cfg, jax.random.PRNGKey(seed))
-        convert.save_hf(cfg, params, model_dir, tokenizer=tokenizer)
+        convert.save_hf(cfg, params, staging, tokenizer=tokenizer)
+        staging.rename(model_dir)
     if not lexicon_path.is_file():
         from wake2vec.vocab import load_base_tokenizer
 
         tokenizer = load_base_tokenizer(model_dir)
         entries = lexicon_builder.build_lexicon(text, lexicon_builder.piece_counter(tokenizer), min_count=2, min_pieces=3)
-        lexicon_path.write_text("".join(e.word + "\n" for e in entries), encoding="utf-8")
+        atomic_write_text(lexicon_path, "".join(e.word + "\n" for e in entries))
         logging.info("demo: lexicon of %d coinages from the sample -> %s", len(entries), lexicon_path)
     return DemoSources(model_dir=model_dir, corpus=SAMPLE_TEXT, lexicon=lexicon_path)
