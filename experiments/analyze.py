@@ -37,6 +37,7 @@ def define_flags() -> None:
     flags.DEFINE_string("tokenizer", None, "With --post: tokenizer directory, for token names.")
     flags.DEFINE_string("out_dir", None, "Output directory; default WORKDIR/analysis or <dir of --post>/analysis.")
     flags.DEFINE_integer("seed", 0, "Seed of every subsample; fixes the summary.")
+    flags.DEFINE_string("pairs", None, "File of 'WAKE ENGLISH' lines: ranked as the user group of source_rank.")
 
 
 FLAGS = flags.FLAGS
@@ -66,7 +67,7 @@ def load_id_to_token(tokenizer_dir, n_rows: int) -> list[str | None]:
 
 
 def analyze_files(post_path, base_vocab_size: int, out_dir=None, *, pre_path=None, tokenizer_dir=None,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, pairs_file=None) -> dict:
     """Analysis of .npy tables from anywhere; returns the summary written to out_dir."""
     E_post = load_table(post_path)
     E_pre = load_table(pre_path) if pre_path is not None else None
@@ -76,10 +77,11 @@ def analyze_files(post_path, base_vocab_size: int, out_dir=None, *, pre_path=Non
     tokens = load_id_to_token(tokenizer_dir, E_post.shape[0]) if tokenizer_dir is not None else None
     out_dir = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(post_path).parent / "analysis"
     source = {"post": str(post_path), "pre": None if pre_path is None else str(pre_path)}
-    return report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source)
+    return report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source,
+                               pairs_file=pairs_file)
 
 
-def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int = 0) -> dict:
+def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int = 0, pairs_file=None) -> dict:
     """Analysis of a training workdir's checkpoint (the latest, or `step`)."""
     workdir = pathlib.Path(workdir)
     config_path = workdir / "config.json"
@@ -108,7 +110,8 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
         logging.warning("%s not found: token names will be null", tokenizer_dir)
     out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / "analysis"
     source = {"workdir": str(workdir), "step": int(loaded_step)}
-    return report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source)
+    return report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source,
+                               pairs_file=pairs_file)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -117,13 +120,15 @@ def main(argv: Sequence[str]) -> None:
     if (FLAGS.workdir is None) == (FLAGS.post is None):
         raise app.UsageError("give exactly one of --workdir or --post")
     if FLAGS.workdir is not None:
-        summary = analyze_workdir(FLAGS.workdir, step=FLAGS.step, out_dir=FLAGS.out_dir, seed=FLAGS.seed)
+        summary = analyze_workdir(FLAGS.workdir, step=FLAGS.step, out_dir=FLAGS.out_dir, seed=FLAGS.seed,
+                                  pairs_file=FLAGS.pairs)
     else:
         if FLAGS.base_vocab_size is None:
             raise app.UsageError("--post needs --base_vocab_size (rows [:N] are the base vocabulary)")
         summary = analyze_files(FLAGS.post, FLAGS.base_vocab_size, FLAGS.out_dir, pre_path=FLAGS.pre,
-                                tokenizer_dir=FLAGS.tokenizer, seed=FLAGS.seed)
+                                tokenizer_dir=FLAGS.tokenizer, seed=FLAGS.seed, pairs_file=FLAGS.pairs)
     logging.info("analysis written: %s", summary["meta"]["source"])
+    logging.info("%s", report.source_rank_headline(summary))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Everything random (subsamples, pairs, neighbour queries) draws from a stream der
 (seed, purpose), so a seed fixes the whole summary, and adding a new random step never
 shifts the draws of an existing one. What was sampled, and to what size, is in `meta`.
 
-`run_analysis` also writes summary.json and the six-panel PNG; the launchers call it.
+`run_analysis` also writes summary.json, the six-panel PNG and the source-rank figure; the
+launchers call it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import numpy as np
 import scipy
 
 import wake2vec
-from wake2vec.analysis import metrics
-from wake2vec.analysis.plots import FigureData, plot_embedding_analysis
+from wake2vec.analysis import metrics, source_pairs
+from wake2vec.analysis.plots import FigureData, plot_embedding_analysis, plot_source_ranks
 
 # The study's partition ratio is O(n^2 D); it used a sample of 5,000 vectors.
 PARTITION_RATIO_SAMPLE = 5_000
@@ -41,9 +42,14 @@ NEIGHBOR_QUERIES_PER_SEGMENT = 5
 NEIGHBOR_K = 5
 TOP_DRIFTED = 20
 TOP_EIGENVALUES = 20
+# Edit-distance pairs ranked; a seeded sample when the rule finds more. 1,000 queries against
+# 32,000 base rows of 2,048 dims is about 3 CPU-seconds of float64 BLAS per table.
+MAX_RULE_PAIRS = 1_000
+SOURCE_RANK_TOP = (5, 50)
 
 SUMMARY_FILENAME = "summary.json"
 FIGURE_FILENAME = "embedding_analysis.png"
+SOURCE_RANK_FIGURE_FILENAME = "source_ranks.png"
 
 Tokens = Sequence[str] | Mapping[int, str] | None
 
@@ -234,6 +240,67 @@ def _pairwise_section(E: np.ndarray, n_base: int, seed: int) -> tuple[dict, dict
     return section, samples, meta
 
 
+def _source_rank_groups(token_of, n_base: int, n_rows: int, user_pairs, seed: int) -> tuple[dict, dict]:
+    """The pair groups to rank (builtin, edit_distance, user), resolved to rows."""
+    wake_ids, english_ids, marker = source_pairs.vocabulary_maps(token_of, n_base, n_rows)
+    found = source_pairs.edit_distance_pairs(wake_ids, english_ids)
+    chosen = np.arange(len(found))
+    if len(found) > MAX_RULE_PAIRS:
+        chosen = np.sort(_stream(seed, "source_rank/edit_distance").choice(len(found), MAX_RULE_PAIRS, replace=False))
+    listed = {"builtin": source_pairs.builtin_pairs(), "edit_distance": [found[i][0] for i in chosen]}
+    if user_pairs is not None:
+        listed["user"] = user_pairs
+    groups = {name: source_pairs.resolve_pairs(pairs, wake_ids, english_ids) for name, pairs in listed.items()}
+    meta = {
+        "marker": marker,
+        "edit_distance_found": len(found),
+        "edit_distance_used": int(chosen.size),
+        "edit_distance_sampling": "all pairs found" if len(found) <= MAX_RULE_PAIRS
+        else f"seeded sample of {MAX_RULE_PAIRS} of the {len(found)} pairs found",
+        "edit_distance_rule": f"Wake word: a new token of lowercase ASCII letters, >= {source_pairs.RULE_MIN_WAKE_LENGTH} "
+        f"long, not itself a whole-word base token; English word: a whole-word base token of lowercase ASCII letters with the same first letter, at "
+        f"Levenshtein distance <= 1 (<= 2 from {source_pairs.RULE_LONG_WAKE_LENGTH} Wake letters), "
+        "the unique nearest such word",
+        "mapping": "Wake word: its new token's row; English word: its single whole-word base token (word-start "
+        "marker + word); pairs without one are skipped and counted, never approximated by the mean of pieces",
+        "rank": "1 + base rows of higher cosine to the Wake row + base rows of equal cosine and lower id (1 = nearest)",
+        "distances": {pair.wake: distance for pair, distance in (found[i] for i in chosen)},
+    }
+    return groups, meta
+
+
+def _source_rank_section(E_post, E_pre, n_base: int, groups: dict, distances: dict) -> tuple[dict, dict]:
+    """Ranks of each group's English rows among the base rows, after (post) and before (pre)."""
+    section, figure_ranks = {}, {}
+    tables = {"post": E_post, "pre": E_pre}
+    for name, group in groups.items():
+        ranks = {}
+        for when, table in tables.items():
+            ranks[when] = (None if table is None else
+                           metrics.source_ranks(table[group.wake_ids], table[:n_base], group.english_ids))
+        figure_ranks[name] = {when: None if value is None else value[0] for when, value in ranks.items()}
+        rows = []
+        for i, pair in enumerate(group.pairs):
+            row = {"wake": pair.wake, "english": pair.english, "wake_id": group.wake_ids[i],
+                   "english_id": group.english_ids[i]}
+            if name == "edit_distance":
+                row["distance"] = distances[pair.wake]
+            for when, value in ranks.items():
+                row[f"rank_{when}"] = None if value is None else int(value[0][i])
+                row[f"cosine_{when}"] = None if value is None else float(value[1][i])
+            rows.append(row)
+        section[name] = {
+            "listed": len(group.pairs) + sum(len(skipped) for skipped in group.skipped.values()),
+            "used": len(group.pairs),
+            **{when: None if value is None else metrics.rank_summary(*value, top=SOURCE_RANK_TOP)
+               for when, value in ranks.items()},
+            "skipped": {reason: {"n": len(skipped), "pairs": [f"{pair.wake} {pair.english}" for pair in skipped]}
+                        for reason, skipped in group.skipped.items()},
+            "pairs": rows,
+        }
+    return section, figure_ranks
+
+
 def _jsonable(value):
     """Plain Python types for json; non-finite floats become None (undefined, not NaN)."""
     if isinstance(value, Mapping):
@@ -249,9 +316,15 @@ def _jsonable(value):
     return value
 
 
-def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0):
-    """(summary, figure data): the figure draws the same arrays the summary describes."""
+def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0, pairs_file=None):
+    """(summary, figure data, source-rank figure data or None): the figures draw the same
+    arrays the summary describes."""
     E_post, E_pre = _validate(E_post, base_vocab_size, E_pre, seed)
+    # A bad pairs file fails before any of the slow work.
+    user_pairs = source_pairs.read_pairs(pairs_file) if pairs_file is not None else None
+    if user_pairs is not None and tokens is None:
+        raise source_pairs.PairsFileError(f"--pairs={pairs_file} needs token names to find the words' rows: "
+                                          "give the tokenizer (--tokenizer, or a workdir with one)")
     n_rows, dim = E_post.shape
     n_base = int(base_vocab_size)
     token_of = _token_lookup(tokens)
@@ -264,6 +337,13 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
     isotropy, isotropy_meta = _isotropy_section(E_post, n_base, full_moments, full_spectra, seed)
     neighbors, neighbors_meta = _neighbors_section(E_post, n_base, token_of, seed)
     pairwise, pair_samples, pairs_meta = _pairwise_section(E_post, n_base, seed)
+    source_rank, source_rank_meta, figure_ranks = None, "not computed: no token names", None
+    if tokens is not None:
+        groups, source_rank_meta = _source_rank_groups(token_of, n_base, n_rows, user_pairs, seed)
+        source_rank, figure_ranks = _source_rank_section(E_post, E_pre, n_base, groups,
+                                                         source_rank_meta.pop("distances"))
+        if user_pairs is not None:
+            source_rank_meta["user_file"] = str(pairs_file)
 
     # meta is filled last but kept as the first key, so it heads the file.
     summary = {"meta": None, "norms": _norms_section(norms, n_base), "isotropy": isotropy}
@@ -278,6 +358,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
     summary["neighbors"] = neighbors
     summary["pca"] = pca
     summary["pairwise_cosine"] = pairwise
+    summary["source_rank"] = source_rank
     summary["meta"] = {
         "shapes": {"post": [n_rows, dim], "pre": list(E_pre.shape) if E_pre is not None else None},
         "dtype": str(E_post.dtype),
@@ -295,6 +376,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
             "isotropy": isotropy_meta,
             "pairwise_cosine": pairs_meta,
             "neighbors": neighbors_meta,
+            "source_rank": source_rank_meta,
         },
         "conventions": {
             "std": "sample standard deviation (ddof=1)",
@@ -309,6 +391,9 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
             "partition_ratio": "the original study's statistic: Z_i = sum_{j != i} exp(cos(v_i, v_j)) over a "
             "sample of raw (uncentred) vectors; min Z / max Z",
             "isoscore": "Rudman et al. (2022), from the covariance eigenvalues (centred)",
+            "source_rank": "per pair group: median rank of the English source among the Wake row's cosine "
+            "neighbours in the base rows, and the share ranked within the top 5 / top 50; post = the trained "
+            "table, pre = the snapshot before step 0 (null without it)",
         },
         "versions": {"wake2vec": wake2vec.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
     }
@@ -323,10 +408,12 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
         top_eigenvalues={name: np.asarray(pca[name]["top_eigenvalues"]) for name in cumulative},
         base_drift_cosines=drift_base_cosines,
     )
-    return _jsonable(summary), figure_data
+    source_rank_figure = None if figure_ranks is None else (figure_ranks, n_base)
+    return _jsonable(summary), figure_data, source_rank_figure
 
 
-def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0) -> dict:
+def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0,
+            pairs_file=None) -> dict:
     """The embedding-space analysis of a trained table, as a JSON-ready dict.
 
     Args:
@@ -337,11 +424,15 @@ def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, 
       tokens: optional id -> token string, as a sequence indexed by id or a mapping; ids it
         lacks, or tokens=None, give null token names.
       seed: fixes every subsample; the same inputs and seed give the same summary.
+      pairs_file: optional file of 'WAKE ENGLISH' lines (source_pairs.read_pairs), ranked as
+        the `user` group beside the built-in and edit-distance pairs; needs `tokens`.
 
     Returns the summary with keys meta, norms, isotropy, drift (with E_pre), neighbors, pca,
-    pairwise_cosine (see ../shared/ORIGINAL.md and the conventions recorded in meta).
+    pairwise_cosine (see ../shared/ORIGINAL.md and the conventions recorded in meta), and
+    source_rank (null without tokens).
     """
-    summary, _ = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed)
+    summary, _, _ = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed,
+                               pairs_file=pairs_file)
     return summary
 
 
@@ -356,17 +447,38 @@ def write_summary(summary: dict, path) -> None:
 
 
 def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: Tokens = None, seed: int = 0,
-                 source: Mapping | None = None) -> dict:
-    """analyze(), then writes out_dir/summary.json and out_dir/embedding_analysis.png.
+                 source: Mapping | None = None, pairs_file=None) -> dict:
+    """analyze(), then writes out_dir/summary.json, out_dir/embedding_analysis.png and, with
+    token names, out_dir/source_ranks.png.
 
     `source` (for example {"workdir": ..., "step": ...}) is recorded as meta.source, so a
     summary says which table it describes. Returns the summary.
     """
-    summary, figure_data = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed)
+    summary, figure_data, source_rank_figure = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens,
+                                                          seed=seed, pairs_file=pairs_file)
     if source is not None:
         summary["meta"]["source"] = _jsonable(dict(source))
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_summary(summary, out_dir / SUMMARY_FILENAME)
     plot_embedding_analysis(figure_data, out_dir / FIGURE_FILENAME)
+    if source_rank_figure is not None:
+        plot_source_ranks(*source_rank_figure, out_dir / SOURCE_RANK_FIGURE_FILENAME)
     return summary
+
+
+def source_rank_headline(summary: Mapping) -> str:
+    """One line per pair group: pairs used, median rank and top-5 / top-50 shares, before -> after."""
+    section = summary.get("source_rank")
+    if section is None:
+        return f"source rank: {summary['meta']['sampling']['source_rank']}"
+
+    def figures(stats):
+        if stats is None:
+            return "n/a"
+        return f"median {stats['median_rank']:g}, top-5 {stats['share_top5']:.1%}, top-50 {stats['share_top50']:.1%}"
+
+    lines = [f"source rank among {summary['meta']['n_base']:,} base rows (1 = nearest), before -> after training:"]
+    lines += [f"  {name}: {group['used']} of {group['listed']} pairs: {figures(group['pre'])} -> {figures(group['post'])}"
+              for name, group in section.items()]
+    return "\n".join(lines)
