@@ -15,6 +15,8 @@ tokenizer is loaded as training loads it (wake2vec.vocab.load_base_tokenizer).
 
 Writes W/generations.md (wake2vec.generate.write_generations): the prompt and settings,
 then one section per temperature (0 means greedy); prints one line per temperature.
+W/generations.json holds the same, with the ids; where W/config.json gives the base
+vocabulary size, both report the share of new (Wake) tokens in each continuation.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Sequence
 from absl import app, flags
 import transformers
 
-from wake2vec import config, convert, generate, vocab
+from wake2vec import config, convert, generate, vocab, workdir as records
 from wake2vec.config import ModelConfig
 
 _STUDY = generate.GenerationSettings()
@@ -115,9 +117,11 @@ def main(argv: Sequence[str]) -> None:
         )
     except (ValueError, FileNotFoundError) as err:
         raise app.UsageError(str(err)) from err
+    run_config = records.read_config(pathlib.Path(FLAGS.workdir)) or {}
     out = generate.write_generations(
         FLAGS.workdir, cfg, params, tokenizer,
         step=step, settings=settings, source=source, compute_dtype=compute_dtype,
+        base_vocab_size=run_config.get("vocab", {}).get("base_size"),
     )
     print(f"wrote {out}")
 

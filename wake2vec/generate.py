@@ -29,13 +29,16 @@ the loop stops early, so an eos-terminated batch costs only the steps it used.
 
 The second half of the module turns decoding into the artefact the study reads:
 `write_generations` continues one prompt at several temperatures and writes
-generations.md (`GenerationSettings` holds the study's defaults).
+generations.md and generations.json (`GenerationSettings` holds the study's defaults),
+with how much of each continuation is the injected Wake vocabulary (`new_token_usage`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import json
 import pathlib
 import re
 import time
@@ -292,6 +295,9 @@ def generate(
 
 STUDY_PROMPT = "riverrun, past Eve and Adam's,"
 GENERATIONS_FILE = "generations.md"
+GENERATIONS_JSON = "generations.json"
+# New tokens listed per temperature in generations.md (all of them are in the JSON).
+MD_NEW_TOKENS_SHOWN = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,12 +344,55 @@ def _temperature_title(temperature: float) -> str:
     return f"temperature {temperature:g}" + (" (greedy)" if temperature == 0 else "")
 
 
-def render_generations(prompt: str, header: dict[str, Any], continuations: Sequence[tuple[float, str]]) -> str:
-    """The generations.md text: the prompt, a settings table, one section per temperature."""
+def new_token_usage(generated_ids: Sequence[int], base_vocab_size: int) -> dict[str, Any]:
+    """How much of a continuation is new (Wake) vocabulary: ids >= base_vocab_size.
+
+    `generated_ids` are the tokens after the prompt, the eos that ends a row excluded (it is
+    no text). Returns the counts, the share (None for an empty continuation, never NaN) and
+    each new id used with its count, most used first (ties by id).
+    """
+    counts = collections.Counter(int(i) for i in generated_ids if int(i) >= base_vocab_size)
+    n_generated, n_new = len(generated_ids), sum(counts.values())
+    return {
+        "generated_tokens": n_generated,
+        "new_tokens": n_new,
+        "share_new": n_new / n_generated if n_generated else None,
+        "distinct_new": len(counts),
+        "new_ids": sorted(counts.items(), key=lambda item: (-item[1], item[0])),
+    }
+
+
+def _distinct_new(usages: Sequence[dict]) -> int:
+    """Distinct new ids over all continuations."""
+    return len({i for usage in usages for i, _ in usage["new_ids"]})
+
+
+def _usage_table(usages: Sequence[tuple[float, dict]], all_distinct: int) -> list[str]:
+    lines = ["", "New (Wake) tokens in the continuations (prompt and the closing eos not counted):", "",
+             "| temperature | generated tokens | new tokens | share new | distinct new |", "|--:|--:|--:|--:|--:|"]
+    for temperature, usage in usages:
+        share = "n/a" if usage["share_new"] is None else f"{usage['share_new']:.1%}"
+        lines.append(f"| {temperature:g} | {usage['generated_tokens']} | {usage['new_tokens']} | {share} | "
+                     f"{usage['distinct_new']} |")
+    lines += ["", f"Distinct new tokens over all temperatures: {all_distinct}."]
+    return lines
+
+
+def render_generations(prompt: str, header: dict[str, Any], continuations: Sequence[tuple[float, str]],
+                       usages: Sequence[dict] | None = None, token_of: Callable[[int], str] = str) -> str:
+    """The generations.md text: the prompt, a settings table, the new-token usage table (with
+    `usages`, one per continuation), one section per temperature."""
     lines = ["# Generations", "", "Prompt:", "", _fenced(prompt), "", "| setting | value |", "|:--|:--|"]
     lines += [f"| {name} | {value} |" for name, value in header.items()]
-    for temperature, text in continuations:
+    if usages is not None:
+        lines += _usage_table([(t, u) for (t, _), u in zip(continuations, usages)], _distinct_new(usages))
+    for i, (temperature, text) in enumerate(continuations):
         lines += ["", f"## {_temperature_title(temperature)}", "", _fenced(text)]
+        if usages is not None and usages[i]["new_ids"]:
+            shown = usages[i]["new_ids"][:MD_NEW_TOKENS_SHOWN]
+            more = len(usages[i]["new_ids"]) - len(shown)
+            listed = ", ".join(f"`{token_of(j)}` ({count})" for j, count in shown)
+            lines += ["", f"New tokens used: {listed}" + (f", and {more} more" if more > 0 else "") + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -359,13 +408,18 @@ def write_generations(
     source: str = "the run's trained model",
     compute_dtype: Any = jnp.float32,
     log: Callable[[str], None] = print,
+    base_vocab_size: int | None = None,
 ) -> pathlib.Path:
-    """Decodes the prompt once per temperature and writes workdir/generations.md; returns its path.
+    """Decodes the prompt once per temperature and writes workdir/generations.md and
+    workdir/generations.json; returns the Markdown file's path.
 
     `tokenizer` is a transformers tokenizer (the run's augmented one). The prompt is encoded
     with its special tokens (Llama's BOS in front), as the study did, and a row stops at its
     EOS. `settings` defaults to the study's, or to DEMO_SETTINGS when `demo`. The text of
     each section is the whole sequence, prompt included, decoded without special tokens.
+    With `base_vocab_size` (the run's vocab.base_size), ids at or above it are the new Wake
+    tokens, and each continuation's share of them is reported (`new_token_usage`); without
+    it the usage is not counted (null in the JSON).
     """
     if settings is None:
         settings = DEMO_SETTINGS if demo else GenerationSettings()
@@ -376,7 +430,7 @@ def write_generations(
         )
     prompt_ids = tokenizer(settings.prompt, add_special_tokens=True)["input_ids"]
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
-    continuations = []
+    continuations, generated = [], []
     for temperature in settings.temperatures:
         started = time.perf_counter()
         tokens = np.asarray(
@@ -391,6 +445,7 @@ def write_generations(
         emitted = stops[0] + 1 if len(stops) else settings.max_new_tokens
         log(f"{_temperature_title(temperature)}: {emitted} new tokens in {time.perf_counter() - started:.1f} s")
         continuations.append((temperature, tokenizer.decode(tokens.tolist(), skip_special_tokens=True)))
+        generated.append(tokens[len(prompt_ids):len(prompt_ids) + (stops[0] if len(stops) else emitted)].tolist())
     header = {
         "model": source,
         "checkpoint step": "n/a" if step is None else step,
@@ -403,7 +458,28 @@ def write_generations(
         "prompt tokens (with specials)": len(prompt_ids),
         "compute dtype": jnp.dtype(compute_dtype).name,
     }
+    usages = None if base_vocab_size is None else [new_token_usage(ids, base_vocab_size) for ids in generated]
+    header["new tokens are ids from"] = "not counted (no base vocabulary size)" if base_vocab_size is None \
+        else base_vocab_size
+
+    def token_of(i: int) -> str:
+        return tokenizer.convert_ids_to_tokens(int(i))
+
     out = pathlib.Path(workdir) / GENERATIONS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_generations(settings.prompt, header, continuations), encoding="utf-8")
+    out.write_text(render_generations(settings.prompt, header, continuations, usages, token_of), encoding="utf-8")
+    record = {
+        "prompt": settings.prompt,
+        "prompt_ids": list(prompt_ids),
+        "settings": header,
+        "continuations": [
+            {"temperature": temperature, "text": text, "generated_ids": ids,
+             "usage": None if usages is None else {**usages[i], "new_ids": [
+                 {"id": j, "token": token_of(j), "count": count} for j, count in usages[i]["new_ids"]]}}
+            for i, ((temperature, text), ids) in enumerate(zip(continuations, generated))
+        ],
+        "distinct_new_all_temperatures": None if usages is None else _distinct_new(usages),
+    }
+    (out.parent / GENERATIONS_JSON).write_text(json.dumps(record, allow_nan=False, indent=1, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
     return out

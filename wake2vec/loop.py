@@ -263,4 +263,5 @@ def _generate(workdir: pathlib.Path, prepared: prepare.PreparedRun, state: train
     # The arrays stay where they are: the model reads padded tables (it cuts logits to the
     # vocabulary), so nothing needs copying to the host and back.
     params = {**frozen, **state.trainable}
-    generate.write_generations(workdir, prepared.model_cfg, params, prepared.tokenizer, step=int(state.step), demo=True)
+    generate.write_generations(workdir, prepared.model_cfg, params, prepared.tokenizer, step=int(state.step), demo=True,
+                               base_vocab_size=prepared.vocab_stats.base_size)
