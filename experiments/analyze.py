@@ -10,6 +10,11 @@ From tables anywhere (.npy, rows x dims; --pre and --tokenizer optional):
     python -m experiments.analyze --post=a.npy --pre=b.npy --base_vocab_size=32000 \
         --tokenizer=DIR [--out_dir=DIR]                        # default: beside a.npy, in analysis/
 
+With token names, the summary's source_rank section ranks each Wake coinage's English
+source among its nearest base tokens (built-in and edit-distance pairs, plus --pairs=FILE
+of 'WAKE ENGLISH' lines), and the launcher logs those figures and, with --workdir, the
+new-token usage of W/generations.json.
+
 Bad inputs (a missing file, pre and post of different shapes, base_vocab_size that leaves
 no new rows) raise an exception that says what to fix, and the process exits non-zero.
 """
@@ -129,6 +134,8 @@ def main(argv: Sequence[str]) -> None:
                                 tokenizer_dir=FLAGS.tokenizer, seed=FLAGS.seed, pairs_file=FLAGS.pairs)
     logging.info("analysis written: %s", summary["meta"]["source"])
     logging.info("%s", report.source_rank_headline(summary))
+    if FLAGS.workdir is not None:
+        logging.info("%s", report.generation_usage_headline(FLAGS.workdir))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,22 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
+import pathlib
 import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from experiments import analyze as analyze_launcher
+from wake2vec import vocab
 from wake2vec.analysis import metrics, report, source_pairs
 from wake2vec.analysis.source_pairs import SourcePair
+from wake2vec.demo.tokenizer import train_demo_tokenizer
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,3 +294,32 @@ def test_builtin_pairs_in_the_wake_and_tinyllama(shared_data):
         assert pair.wake in words_in_text and pair.wake in lexicon, pair
         assert "▁" + pair.wake not in vocab, pair  # a new token, not a base piece
     assert {p.english for p in pairs if "▁" + p.english not in vocab} == {"misunderstood", "tomorrow", "commodious"}
+
+
+def test_launcher_pairs_flag_with_a_real_tokenizer(tmp_path):
+    """--pairs through the launcher: a saved tokenizer gives the names; a bad file fails
+    with its line, before any analysis is written."""
+    tokenizer = train_demo_tokenizer("the mother and the brother of the summer river " * 20, vocab_size=300)
+    base = len(tokenizer)
+    vocab.augment_tokenizer(tokenizer, ["meother", "brooher", "riverrun"])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    rng = np.random.default_rng(6)
+    post = rng.standard_normal((len(tokenizer), 8)).astype(np.float32)
+    english = {w: tokenizer.convert_tokens_to_ids("▁" + w) for w in ("mother", "brother", "river")}
+    assert all(i < base for i in english.values())  # whole-word base tokens of this tokenizer
+    post[base] = post[english["mother"]]  # meother points exactly at mother: rank 1
+    np.save(tmp_path / "post.npy", post)
+    (tmp_path / "pairs.txt").write_text("meother mother\nriverrun river\n", encoding="utf-8")
+    summary = analyze_launcher.analyze_files(tmp_path / "post.npy", base, tmp_path / "out",
+                                             tokenizer_dir=tmp_path / "tokenizer", pairs_file=tmp_path / "pairs.txt")
+    user = summary["source_rank"]["user"]
+    assert user["used"] == 2 and user["pairs"][0]["rank_post"] == 1 and user["pre"] is None
+
+    (tmp_path / "bad.txt").write_text("meother mother\nriverrun\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.analyze", f"--post={tmp_path / 'post.npy'}", f"--base_vocab_size={base}",
+         f"--pairs={tmp_path / 'bad.txt'}", f"--out_dir={tmp_path / 'bad'}"],  # the file is read first
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'bad.txt'} line 2: expected two words 'WAKE ENGLISH', got 1" in result.stderr
+    assert not (tmp_path / "bad" / "summary.json").exists()

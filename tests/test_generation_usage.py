@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from wake2vec import generate, model, vocab
+from wake2vec.analysis import report
 from wake2vec.config import ModelConfig
 from wake2vec.demo.tokenizer import train_demo_tokenizer
 
@@ -48,11 +49,11 @@ def run(tmp_path_factory):
     out = generate.write_generations(workdir, cfg, params, tokenizer, settings=settings, base_vocab_size=base,
                                      log=lambda _: None)
     record = json.loads((workdir / generate.GENERATIONS_JSON).read_text(encoding="utf-8"))
-    return cfg, params, tokenizer, base, settings, out.read_text(encoding="utf-8"), record
+    return cfg, params, tokenizer, base, settings, out.read_text(encoding="utf-8"), record, workdir
 
 
 def test_usage_in_json_and_markdown_matches_the_decoded_ids(run):
-    cfg, params, tokenizer, base, settings, markdown, record = run
+    cfg, params, tokenizer, base, settings, markdown, record, _ = run
     assert json.dumps(record, allow_nan=False)  # strict JSON
     prompt_ids = tokenizer(settings.prompt, add_special_tokens=True)["input_ids"]
     assert record["prompt_ids"] == prompt_ids
@@ -83,10 +84,22 @@ def test_usage_in_json_and_markdown_matches_the_decoded_ids(run):
 
 
 def test_usage_not_counted_without_the_base_size(run, tmp_path):
-    cfg, params, tokenizer, _, settings, _, _ = run
+    cfg, params, tokenizer, _, settings, _, _, _ = run
     out = generate.write_generations(tmp_path, cfg, params, tokenizer, log=lambda _: None,
                                      settings=settings)
     record = json.loads((tmp_path / generate.GENERATIONS_JSON).read_text(encoding="utf-8"))
     assert record["continuations"][0]["usage"] is None and record["distinct_new_all_temperatures"] is None
     text = out.read_text(encoding="utf-8")
     assert "share new" not in text and "| new tokens are ids from | not counted" in text
+    assert "not counted" in report.generation_usage_headline(tmp_path)
+
+
+def test_analysis_launcher_headline_reads_the_usage(run, tmp_path):
+    record, workdir = run[6], run[7]
+    lines = report.generation_usage_headline(workdir).splitlines()
+    for line, entry in zip(lines[1:], record["continuations"]):
+        usage = entry["usage"]
+        assert line == (f"  temperature {entry['temperature']:g}: {usage['new_tokens']} of {usage['generated_tokens']} "
+                        f"tokens new ({usage['share_new']:.1%}), {usage['distinct_new']} distinct")
+    assert lines[-1].endswith(f": {record['distinct_new_all_temperatures']}")
+    assert "not found" in report.generation_usage_headline(tmp_path)

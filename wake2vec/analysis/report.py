@@ -482,3 +482,23 @@ def source_rank_headline(summary: Mapping) -> str:
     lines += [f"  {name}: {group['used']} of {group['listed']} pairs: {figures(group['pre'])} -> {figures(group['post'])}"
               for name, group in section.items()]
     return "\n".join(lines)
+
+
+def generation_usage_headline(workdir) -> str:
+    """The new-token usage of W/generations.json, one line per temperature."""
+    from wake2vec import generate  # the writer owns the file's name and format (and imports JAX)
+
+    path = pathlib.Path(workdir) / generate.GENERATIONS_JSON
+    if not path.is_file():
+        return f"new-token usage in generations: {path} not found (python -m experiments.generate --workdir=...)"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record["distinct_new_all_temperatures"] is None:
+        return f"new-token usage in generations: not counted in {path} (no base vocabulary size)"
+    lines = [f"new-token usage in generations ({path}):"]
+    for entry in record["continuations"]:
+        usage = entry["usage"]
+        share = "n/a" if usage["share_new"] is None else f"{usage['share_new']:.1%}"
+        lines.append(f"  temperature {entry['temperature']:g}: {usage['new_tokens']} of {usage['generated_tokens']} "
+                     f"tokens new ({share}), {usage['distinct_new']} distinct")
+    lines.append(f"  distinct new tokens over all temperatures: {record['distinct_new_all_temperatures']}")
+    return "\n".join(lines)
