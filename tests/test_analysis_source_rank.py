@@ -170,7 +170,7 @@ def test_source_ranks_equal_a_full_sort_with_ties_to_the_lower_id():
     targets = rng.integers(0, 300, size=70)
     targets[:2] = [150, 40]
     queries[1] = candidates[40]
-    # block=16 splits the queries into five blocks, as 1,000 real pairs split into four.
+    # block=16 splits the 70 queries into five blocks, as real runs split theirs by 512.
     ranks, cosines = metrics.source_ranks(queries, candidates, targets, block=16)
     for i, target in enumerate(targets):
         scores = metrics.cosine_scores(queries[i : i + 1], candidates)[0]

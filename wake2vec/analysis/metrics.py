@@ -562,15 +562,15 @@ def nearest_by_cosine(queries, candidates, k: int) -> tuple[np.ndarray, np.ndarr
     return indices, np.take_along_axis(scores, indices, axis=1)
 
 
-def source_ranks(queries, candidates, targets, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def source_ranks(queries, candidates, targets, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Rank of candidates[targets[i]] among all candidates by cosine to queries[i], and that cosine.
 
     Rank 1 is the nearest. The rank is the target's position in nearest_by_cosine's order:
     1 + the candidates of higher cosine + those of equal cosine and lower index, so a tie
     never flatters the target more than the neighbour lists do. Scores are float64, and the
     target's own score is read from the same matrix it is compared with, so it never counts
-    itself. Queries go `block` at a time, which bounds the score matrix (256 x 32,000 float64
-    is 66 MB).
+    itself. Queries go `block` at a time, which bounds the score matrix (512 x 32,000 float64
+    is 131 MB).
     """
     queries = _as_matrix(queries, "queries")
     targets = np.asarray(targets, dtype=np.int64)
