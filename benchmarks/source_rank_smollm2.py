@@ -66,8 +66,11 @@ def main(argv: Sequence[str]) -> None:
         "| new-row init | pair group | pairs ranked (of listed) | median rank | top 5 | top 50 | mean cosine |",
         "|:--|:--|--:|--:|--:|--:|--:|",
     ]
+    builtin_ranks = {}
     for name, rows in inits.items():
         summary = report.analyze(np.vstack([base_table, rows]), stats.base_size, tokens=tokens)
+        builtin_ranks[name] = {(row["wake"], row["english"]): row["rank_post"]
+                               for row in summary["source_rank"]["builtin"]["pairs"]}
         for group, section in summary["source_rank"].items():
             stats_post = section["post"]
             lines.append(f"| {name} | {group} | {section['used']} ({section['listed']}) | "
@@ -76,7 +79,11 @@ def main(argv: Sequence[str]) -> None:
         print(report.source_rank_headline(summary))
     meta = summary["meta"]["sampling"]["source_rank"]
     lines += ["", f"Edit-distance rule: {meta['edit_distance_found']:,} pairs found, {meta['edit_distance_sampling']}; "
-              f"word-start marker {meta['marker']!r}."]
+              f"word-start marker {meta['marker']!r}.", "",
+              "Each built-in pair's rank:", "", "| Wake | English | " + " | ".join(inits) + " |",
+              "|:--|:--|" + "--:|" * len(inits)]
+    lines += [f"| {wake} | {english} | " + " | ".join(str(builtin_ranks[name][wake, english]) for name in inits) + " |"
+              for wake, english in builtin_ranks["mean_noise"]]
     out = pathlib.Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
