@@ -187,8 +187,8 @@ def plot_source_ranks(ranks: Mapping[str, Mapping[str, np.ndarray | None]], n_ca
            title=f"Rank of the English source among the Wake word's nearest base tokens ({n_candidates:,} base rows)",
            xlabel="rank by cosine (1 = nearest; log scale; dotted: 5 and 50)",
            ylabel="share of pairs with rank <= r")
-    if drawn:
-        ax.legend(loc="upper left", fontsize=9)
+    if drawn:  # below the axes: good ranks fill the upper left, where a legend would hide them
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=9, frameon=False)
     else:
         ax.text(0.5, 0.5, "no pair maps to rows of this vocabulary", ha="center", va="center",
                 transform=ax.transAxes, fontsize=14)
