@@ -7,7 +7,7 @@ The token names are real (TinyLlama's tokenizer with the Wake lexicon injected: 
 tokens, 32,000 base), so the rule finds the pairs it finds on a real run; the tables are
 random (float32, 2,048 dims), which changes the ranks but not the work. Times, as CPU-seconds of this process (medians over --repeats), the three steps
 `report` runs: the vocabulary maps, the edit-distance rule, and the ranks of the built-in
-plus (at most report.MAX_RULE_PAIRS) rule pairs against the base rows, once per table
+plus (at most source_rank.MAX_RULE_PAIRS) rule pairs against the base rows, once per table
 (trained and pre-training).
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from wake2vec import vocab
-from wake2vec.analysis import metrics, report, source_pairs
+from wake2vec.analysis import metrics, source_pairs, source_rank
 
 _SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 _TOKENIZER = flags.DEFINE_string("tokenizer", str(_SHARED / "tinyllama_tokenizer"), "Base tokenizer directory.")
@@ -61,7 +61,7 @@ def main(argv: Sequence[str]) -> None:
     wake_ids, english_ids, _ = maps
     found, times = _cpu_seconds(lambda: source_pairs.edit_distance_pairs(wake_ids, english_ids))
     _show(f"edit-distance rule ({len(found):,} pairs)", times)
-    pairs = source_pairs.builtin_pairs() + [pair for pair, _ in found[: report.MAX_RULE_PAIRS]]
+    pairs = source_pairs.builtin_pairs() + [pair for pair, _ in found[: source_rank.MAX_RULE_PAIRS]]
     resolved = source_pairs.resolve_pairs(pairs, wake_ids, english_ids)
     for name, table in (("post", E_post), ("pre", E_pre)):
         _, times = _cpu_seconds(lambda: metrics.source_ranks(table[resolved.wake_ids], table[: stats.base_size],

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from wake2vec import vocab
-from wake2vec.analysis import report
+from wake2vec.analysis import report, source_rank
 
 _SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 _GGUF = flags.DEFINE_string("gguf", str(_SHARED / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"), "GGUF model file.")
@@ -76,7 +76,7 @@ def main(argv: Sequence[str]) -> None:
             lines.append(f"| {name} | {group} | {section['used']} ({section['listed']}) | "
                          f"{stats_post['median_rank']:g} | {stats_post['share_top5']:.1%} | "
                          f"{stats_post['share_top50']:.1%} | {stats_post['mean_cosine']:.3f} |")
-        print(report.source_rank_headline(summary))
+        print(source_rank.headline(summary))
     meta = summary["meta"]["sampling"]["source_rank"]
     lines += ["", f"Edit-distance rule: {meta['edit_distance_found']:,} pairs found, {meta['edit_distance_sampling']}; "
               f"word-start marker {meta['marker']!r}.", "",

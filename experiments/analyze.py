@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from wake2vec.analysis import report
+from wake2vec.analysis import report, source_rank
 
 
 def define_flags() -> None:
@@ -133,7 +133,7 @@ def main(argv: Sequence[str]) -> None:
         summary = analyze_files(FLAGS.post, FLAGS.base_vocab_size, FLAGS.out_dir, pre_path=FLAGS.pre,
                                 tokenizer_dir=FLAGS.tokenizer, seed=FLAGS.seed, pairs_file=FLAGS.pairs)
     logging.info("analysis written: %s", summary["meta"]["source"])
-    logging.info("%s", report.source_rank_headline(summary))
+    logging.info("%s", source_rank.headline(summary))
     if FLAGS.workdir is not None:
         logging.info("%s", report.generation_usage_headline(FLAGS.workdir))
 

@@ -22,7 +22,7 @@ import pytest
 
 from experiments import analyze as analyze_launcher
 from wake2vec import vocab
-from wake2vec.analysis import metrics, report, source_pairs
+from wake2vec.analysis import metrics, report, source_pairs, source_rank
 from wake2vec.analysis.source_pairs import SourcePair
 from wake2vec.demo.tokenizer import train_demo_tokenizer
 
@@ -266,7 +266,7 @@ def test_source_rank_without_tokens_or_snapshot(table, tmp_path):
 
 def test_rule_pairs_are_sampled_to_the_cap(table, monkeypatch):
     post, pre, tokens = table
-    monkeypatch.setattr(report, "MAX_RULE_PAIRS", 2)
+    monkeypatch.setattr(source_rank, "MAX_RULE_PAIRS", 2)
     summary = report.analyze(post, N_BASE, E_pre=pre, tokens=tokens, seed=5)
     meta = summary["meta"]["sampling"]["source_rank"]
     assert meta["edit_distance_used"] == 2 < meta["edit_distance_found"]
@@ -276,7 +276,7 @@ def test_rule_pairs_are_sampled_to_the_cap(table, monkeypatch):
 
 def test_headline_names_each_group(table):
     post, pre, tokens = table
-    text = report.source_rank_headline(report.analyze(post, N_BASE, E_pre=pre, tokens=tokens))
+    text = source_rank.headline(report.analyze(post, N_BASE, E_pre=pre, tokens=tokens))
     assert text.splitlines()[0].startswith(f"source rank among {N_BASE} base rows")
     assert re.search(r"builtin: \d+ of \d+ pairs: median .* -> median", text)
 

@@ -28,7 +28,7 @@ import numpy as np
 import scipy
 
 import wake2vec
-from wake2vec.analysis import metrics, source_pairs
+from wake2vec.analysis import metrics, source_pairs, source_rank
 from wake2vec.analysis.plots import FigureData, plot_embedding_analysis, plot_source_ranks
 
 # The study's partition ratio is O(n^2 D); it used a sample of 5,000 vectors.
@@ -42,11 +42,6 @@ NEIGHBOR_QUERIES_PER_SEGMENT = 5
 NEIGHBOR_K = 5
 TOP_DRIFTED = 20
 TOP_EIGENVALUES = 20
-# Edit-distance pairs ranked; a seeded sample when the rule finds more (1,268 for TinyLlama).
-# 500 keep a top-k share's standard error under 2.3 points and cost about 3 CPU-seconds of
-# float64 BLAS per table against 32,000 base rows of 2,048 dims (BUILD.md).
-MAX_RULE_PAIRS = 500
-SOURCE_RANK_TOP = (5, 50)
 
 SUMMARY_FILENAME = "summary.json"
 FIGURE_FILENAME = "embedding_analysis.png"
@@ -241,67 +236,6 @@ def _pairwise_section(E: np.ndarray, n_base: int, seed: int) -> tuple[dict, dict
     return section, samples, meta
 
 
-def _source_rank_groups(token_of, n_base: int, n_rows: int, user_pairs, seed: int) -> tuple[dict, dict]:
-    """The pair groups to rank (builtin, edit_distance, user), resolved to rows."""
-    wake_ids, english_ids, marker = source_pairs.vocabulary_maps(token_of, n_base, n_rows)
-    found = source_pairs.edit_distance_pairs(wake_ids, english_ids)
-    chosen = np.arange(len(found))
-    if len(found) > MAX_RULE_PAIRS:
-        chosen = np.sort(_stream(seed, "source_rank/edit_distance").choice(len(found), MAX_RULE_PAIRS, replace=False))
-    listed = {"builtin": source_pairs.builtin_pairs(), "edit_distance": [found[i][0] for i in chosen]}
-    if user_pairs is not None:
-        listed["user"] = user_pairs
-    groups = {name: source_pairs.resolve_pairs(pairs, wake_ids, english_ids) for name, pairs in listed.items()}
-    meta = {
-        "marker": marker,
-        "edit_distance_found": len(found),
-        "edit_distance_used": int(chosen.size),
-        "edit_distance_sampling": "all pairs found" if len(found) <= MAX_RULE_PAIRS
-        else f"seeded sample of {MAX_RULE_PAIRS} of the {len(found)} pairs found",
-        "edit_distance_rule": f"Wake word: a new token of lowercase ASCII letters, >= {source_pairs.RULE_MIN_WAKE_LENGTH} "
-        f"long, not itself a whole-word base token; English word: a whole-word base token of lowercase ASCII letters with the same first letter, at "
-        f"Levenshtein distance <= 1 (<= 2 from {source_pairs.RULE_LONG_WAKE_LENGTH} Wake letters), "
-        "the unique nearest such word",
-        "mapping": "Wake word: its new token's row; English word: its single whole-word base token (word-start "
-        "marker + word); pairs without one are skipped and counted, never approximated by the mean of pieces",
-        "rank": "1 + base rows of higher cosine to the Wake row + base rows of equal cosine and lower id (1 = nearest)",
-        "distances": {pair.wake: distance for pair, distance in (found[i] for i in chosen)},
-    }
-    return groups, meta
-
-
-def _source_rank_section(E_post, E_pre, n_base: int, groups: dict, distances: dict) -> tuple[dict, dict]:
-    """Ranks of each group's English rows among the base rows, after (post) and before (pre)."""
-    section, figure_ranks = {}, {}
-    tables = {"post": E_post, "pre": E_pre}
-    for name, group in groups.items():
-        ranks = {}
-        for when, table in tables.items():
-            ranks[when] = (None if table is None else
-                           metrics.source_ranks(table[group.wake_ids], table[:n_base], group.english_ids))
-        figure_ranks[name] = {when: None if value is None else value[0] for when, value in ranks.items()}
-        rows = []
-        for i, pair in enumerate(group.pairs):
-            row = {"wake": pair.wake, "english": pair.english, "wake_id": group.wake_ids[i],
-                   "english_id": group.english_ids[i]}
-            if name == "edit_distance":
-                row["distance"] = distances[pair.wake]
-            for when, value in ranks.items():
-                row[f"rank_{when}"] = None if value is None else int(value[0][i])
-                row[f"cosine_{when}"] = None if value is None else float(value[1][i])
-            rows.append(row)
-        section[name] = {
-            "listed": len(group.pairs) + sum(len(skipped) for skipped in group.skipped.values()),
-            "used": len(group.pairs),
-            **{when: None if value is None else metrics.rank_summary(*value, top=SOURCE_RANK_TOP)
-               for when, value in ranks.items()},
-            "skipped": {reason: {"n": len(skipped), "pairs": [f"{pair.wake} {pair.english}" for pair in skipped]}
-                        for reason, skipped in group.skipped.items()},
-            "pairs": rows,
-        }
-    return section, figure_ranks
-
-
 def _jsonable(value):
     """Plain Python types for json; non-finite floats become None (undefined, not NaN)."""
     if isinstance(value, Mapping):
@@ -338,13 +272,12 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
     isotropy, isotropy_meta = _isotropy_section(E_post, n_base, full_moments, full_spectra, seed)
     neighbors, neighbors_meta = _neighbors_section(E_post, n_base, token_of, seed)
     pairwise, pair_samples, pairs_meta = _pairwise_section(E_post, n_base, seed)
-    source_rank, source_rank_meta, figure_ranks = None, "not computed: no token names", None
+    ranks, ranks_meta, figure_ranks = None, "not computed: no token names", None
     if tokens is not None:
-        groups, source_rank_meta = _source_rank_groups(token_of, n_base, n_rows, user_pairs, seed)
-        source_rank, figure_ranks = _source_rank_section(E_post, E_pre, n_base, groups,
-                                                         source_rank_meta.pop("distances"))
+        ranks, ranks_meta, figure_ranks = source_rank.section(
+            E_post, E_pre, n_base, token_of, user_pairs=user_pairs, rng=_stream(seed, "source_rank/edit_distance"))
         if user_pairs is not None:
-            source_rank_meta["user_file"] = str(pairs_file)
+            ranks_meta["user_file"] = str(pairs_file)
 
     # meta is filled last but kept as the first key, so it heads the file.
     summary = {"meta": None, "norms": _norms_section(norms, n_base), "isotropy": isotropy}
@@ -359,7 +292,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
     summary["neighbors"] = neighbors
     summary["pca"] = pca
     summary["pairwise_cosine"] = pairwise
-    summary["source_rank"] = source_rank
+    summary["source_rank"] = ranks
     summary["meta"] = {
         "shapes": {"post": [n_rows, dim], "pre": list(E_pre.shape) if E_pre is not None else None},
         "dtype": str(E_post.dtype),
@@ -377,7 +310,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
             "isotropy": isotropy_meta,
             "pairwise_cosine": pairs_meta,
             "neighbors": neighbors_meta,
-            "source_rank": source_rank_meta,
+            "source_rank": ranks_meta,
         },
         "conventions": {
             "std": "sample standard deviation (ddof=1)",
@@ -466,23 +399,6 @@ def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: T
     if source_rank_figure is not None:
         plot_source_ranks(*source_rank_figure, out_dir / SOURCE_RANK_FIGURE_FILENAME)
     return summary
-
-
-def source_rank_headline(summary: Mapping) -> str:
-    """One line per pair group: pairs used, median rank and top-5 / top-50 shares, before -> after."""
-    section = summary.get("source_rank")
-    if section is None:
-        return f"source rank: {summary['meta']['sampling']['source_rank']}"
-
-    def figures(stats):
-        if stats is None:
-            return "n/a"
-        return f"median {stats['median_rank']:g}, top-5 {stats['share_top5']:.1%}, top-50 {stats['share_top50']:.1%}"
-
-    lines = [f"source rank among {summary['meta']['n_base']:,} base rows (1 = nearest), before -> after training:"]
-    lines += [f"  {name}: {group['used']} of {group['listed']} pairs: {figures(group['pre'])} -> {figures(group['post'])}"
-              for name, group in section.items()]
-    return "\n".join(lines)
 
 
 def generation_usage_headline(workdir) -> str:
