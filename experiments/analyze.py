@@ -10,6 +10,11 @@ From tables anywhere (.npy, rows x dims; --pre and --tokenizer optional):
     python -m experiments.analyze --post=a.npy --pre=b.npy --base_vocab_size=32000 \
         --tokenizer=DIR [--out_dir=DIR]                        # default: beside a.npy, in analysis/
 
+With token names, the summary's source_rank section ranks each Wake coinage's English
+source among its nearest base tokens (built-in and edit-distance pairs, plus --pairs=FILE
+of 'WAKE ENGLISH' lines), and the launcher logs those figures and, with --workdir, the
+new-token usage of W/generations.json.
+
 Bad inputs (a missing or unreadable file, pre and post of different shapes,
 base_vocab_size that leaves no new rows, an output directory that cannot be written) are
 one line saying what to fix, and the process exits 1.
@@ -41,7 +46,7 @@ class MissingInputError(UserError, FileNotFoundError):
 class AnalyzeConfig:
     """Flags of experiments.analyze: a workdir, or tables given as files."""
 
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "post", "pre", "tokenizer", "out_dir")
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "post", "pre", "tokenizer", "out_dir", "pairs")
 
     # Training workdir to analyse; writes WORKDIR/analysis/.
     workdir: str = ""
@@ -59,6 +64,8 @@ class AnalyzeConfig:
     out_dir: str = ""
     # Seed of every subsample; fixes the summary.
     seed: int = 0
+    # File of 'WAKE ENGLISH' lines: ranked as the user group of source_rank.
+    pairs: str = ""
 
 
 def load_table(path) -> np.ndarray:
@@ -98,7 +105,7 @@ def _check_base_size(base_vocab_size: int, rows: int) -> None:
 
 
 def analyze_files(post_path, base_vocab_size: int, out_dir=None, *, pre_path=None, tokenizer_dir=None,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, pairs_file=None) -> dict:
     """Analysis of .npy tables from anywhere; returns the summary written to out_dir."""
     from wake2vec.analysis import report
 
@@ -112,10 +119,11 @@ def analyze_files(post_path, base_vocab_size: int, out_dir=None, *, pre_path=Non
     out_dir = records.writable_dir(pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(post_path).parent / "analysis",
                                    "--out_dir")
     source = {"post": str(post_path), "pre": None if pre_path is None else str(pre_path)}
-    return report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source)
+    return report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source,
+                               pairs_file=pairs_file)
 
 
-def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int = 0) -> dict:
+def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int = 0, pairs_file=None) -> dict:
     """Analysis of a training workdir's checkpoint (the latest, or `step`)."""
     from wake2vec.analysis import report
 
@@ -144,7 +152,8 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
     else:
         logging.warning("%s not found: token names will be null", workdir / records.TOKENIZER_DIR)
     source = {"workdir": str(workdir), "step": int(loaded_step)}
-    summary = report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source)
+    summary = report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source,
+                                  pairs_file=pairs_file)
     from wake2vec import tboard
 
     tboard.write_projector(workdir / tboard.LOGDIR, E_post, base_vocab_size, tokens or [None] * E_post.shape[0],
@@ -158,12 +167,18 @@ def run(cfg: AnalyzeConfig) -> str:
     if cfg.seed < 0:
         raise FlagError(f"--seed={cfg.seed} must be >= 0")
     if cfg.workdir:
-        summary = analyze_workdir(cfg.workdir, step=cfg.step, out_dir=cfg.out_dir or None, seed=cfg.seed)
+        summary = analyze_workdir(cfg.workdir, step=cfg.step, out_dir=cfg.out_dir or None, seed=cfg.seed,
+                                  pairs_file=cfg.pairs or None)
     else:
         if cfg.base_vocab_size is None:
             raise FlagError("--post needs --base_vocab_size (rows [:N] are the base vocabulary)")
         summary = analyze_files(cfg.post, cfg.base_vocab_size, cfg.out_dir or None, pre_path=cfg.pre or None,
-                                tokenizer_dir=cfg.tokenizer or None, seed=cfg.seed)
+                                tokenizer_dir=cfg.tokenizer or None, seed=cfg.seed, pairs_file=cfg.pairs or None)
+    from wake2vec.analysis import report, source_rank
+
+    logging.info("%s", source_rank.headline(summary))
+    if cfg.workdir:
+        logging.info("%s", report.generation_usage_headline(cfg.workdir))
     return f"analysis written: {summary['meta']['source']}"
 
 

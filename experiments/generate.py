@@ -18,6 +18,8 @@ prompt and settings, then one section per temperature and sample (0 means greedy
 key, and generations.json beside it with the same samples, keys and token ids; prints
 one line per sample. An existing file, such as the training run's own generations.md, is
 never replaced unless --overwrite is given; the file appears whole or not at all.
+Where W/config.json gives the base vocabulary size, both report the share of new (Wake)
+tokens in each continuation.
 """
 
 from __future__ import annotations
@@ -147,12 +149,14 @@ def run(cfg: GenerateConfig) -> str:
     out = output_path(cfg)
     records.writable_dir(out.parent, "--out")
     model_cfg, params, step, tokenizer, source = load_model(cfg.workdir, cfg.step, cfg.model, cfg.tokenizer)
+    # The run's base vocabulary size says which ids are new; a bare --model has none to say.
+    base_vocab_size = None if cfg.model else (records.read_config(pathlib.Path(cfg.workdir)) or {}).get("vocab", {}).get("base_size")
     # Written beside --out and renamed onto it: a kill never leaves half a file. The JSON
     # twin (the same samples, keys and token ids) takes --out's name with .json.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".generate.") as staging:
         written = generate.write_generations(
             staging, model_cfg, params, tokenizer,
-            step=step, settings=settings, source=source, compute_dtype=compute_dtype,
+            step=step, settings=settings, source=source, compute_dtype=compute_dtype, base_vocab_size=base_vocab_size,
         )
         os.replace(written.with_suffix(".json"), out.with_suffix(".json"))
         os.replace(written, out)

@@ -67,7 +67,7 @@ def summary(tables):
 def test_summary_is_strict_json_with_every_section(summary):
     text = json.dumps(summary, allow_nan=False)
     assert json.loads(text) == summary
-    assert set(summary) == {"meta", "norms", "isotropy", "drift", "neighbors", "pca", "pairwise_cosine"}
+    assert set(summary) == {"meta", "norms", "isotropy", "drift", "neighbors", "pca", "pairwise_cosine", "source_rank"}
     for group in ("all", "base", "new"):
         assert set(summary["isotropy"][group]) >= {"partition_ratio", "mu", "isoscore", "avg_cosine", "n"}
 

@@ -81,6 +81,8 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
                                   trained)
     assert summary["drift"]["base"]["cosine"]["min"] < 1.0  # the tied base rows trained too
     assert (tmp_path / "analysis" / "embedding_analysis.png").stat().st_size > 50_000
+    assert summary["source_rank"]["builtin"]["listed"] > 0 and (tmp_path / "analysis" / "source_ranks.png").is_file()
+    assert "source rank among" in analysed.stderr and "new-token usage in generations" in analysed.stderr
 
 
 def test_max_steps_zero_prepares_and_exits(tmp_path):

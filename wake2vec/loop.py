@@ -344,4 +344,5 @@ def _generate(cfg: TrainConfig, prepared: prepare.PreparedRun, state: train.Trai
     params = {**frozen, **state.trainable}
     # A real model gets the study's prompt and settings, the demo its own short ones.
     generate.write_generations(workdir, prepared.model_cfg, params, prepared.tokenizer, step=int(state.step),
-                               demo=cfg.model == DEMO_SOURCE)
+                               demo=cfg.model == DEMO_SOURCE,
+                               base_vocab_size=prepared.vocab_stats.base_size)

@@ -535,23 +535,72 @@ def pca_summary(eigenvalues, n_top: int = 20) -> dict:
 # Neighbours and pairs
 
 
-def nearest_by_cosine(queries, candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k candidate rows of highest cosine to each query: (indices (q, k), cosines (q, k)).
+def cosine_scores(queries, candidates) -> np.ndarray:
+    """(q, n_candidates) float64 cosines of every query with every candidate row.
 
-    float64 throughout; ties go to the lower candidate index, so the result is deterministic.
-    Holds a q x n_candidates score matrix, meant for a handful of queries.
+    Holds the whole score matrix: meant for a few hundred queries at a time.
     """
     queries, candidates = _as_matrix(queries, "queries"), _as_matrix(candidates, "candidates")
     if queries.shape[1] != candidates.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} dims, candidates {candidates.shape[1]}")
-    k = min(k, candidates.shape[0])
     query_units = _unit_rows_float64(queries)
     scores = np.empty((queries.shape[0], candidates.shape[0]), dtype=np.float64)
     for rows in _row_chunks(candidates.shape[0]):
         scores[:, rows] = query_units @ _unit_rows_float64(candidates[rows]).T
-    candidate_ids = np.arange(candidates.shape[0])
+    return scores
+
+
+def nearest_by_cosine(queries, candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k candidate rows of highest cosine to each query: (indices (q, k), cosines (q, k)).
+
+    float64 throughout; ties go to the lower candidate index, so the result is deterministic.
+    """
+    scores = cosine_scores(queries, candidates)
+    k = min(k, scores.shape[1])
+    candidate_ids = np.arange(scores.shape[1])
     indices = np.stack([np.lexsort((candidate_ids, -row))[:k] for row in scores])
     return indices, np.take_along_axis(scores, indices, axis=1)
+
+
+def source_ranks(queries, candidates, targets, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of candidates[targets[i]] among all candidates by cosine to queries[i], and that cosine.
+
+    Rank 1 is the nearest. The rank is the target's position in nearest_by_cosine's order:
+    1 + the candidates of higher cosine + those of equal cosine and lower index, so a tie
+    never flatters the target more than the neighbour lists do. Scores are float64, and the
+    target's own score is read from the same matrix it is compared with, so it never counts
+    itself. Queries go `block` at a time, which bounds the score matrix (512 x 32,000 float64
+    is 131 MB).
+    """
+    queries = _as_matrix(queries, "queries")
+    targets = np.asarray(targets, dtype=np.int64)
+    if targets.shape != (queries.shape[0],):
+        raise ValueError(f"one target per query: {queries.shape[0]} queries, targets of shape {targets.shape}")
+    n_candidates = _as_matrix(candidates, "candidates").shape[0]
+    if targets.size and (targets.min() < 0 or targets.max() >= n_candidates):
+        raise ValueError(f"targets must index the {n_candidates} candidates")
+    ranks = np.empty(targets.size, dtype=np.int64)
+    target_cosines = np.empty(targets.size, dtype=np.float64)
+    candidate_ids = np.arange(n_candidates)
+    for part in _row_chunks(targets.size, block):
+        scores = cosine_scores(queries[part], candidates)
+        own = scores[np.arange(scores.shape[0]), targets[part]]
+        higher = (scores > own[:, None]).sum(axis=1)
+        tied_before = ((scores == own[:, None]) & (candidate_ids < targets[part][:, None])).sum(axis=1)
+        ranks[part] = 1 + higher + tied_before
+        target_cosines[part] = own
+    return ranks, target_cosines
+
+
+def rank_summary(ranks, cosines, top: tuple[int, ...] = (5, 50)) -> dict | None:
+    """n, median rank, the share of ranks <= each of `top`, and the mean target cosine; None if empty."""
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        return None
+    summary = {"n": int(ranks.size), "median_rank": float(np.median(ranks))}
+    summary.update({f"share_top{k}": float(np.mean(ranks <= k)) for k in top})
+    summary["mean_cosine"] = float(np.mean(cosines))
+    return summary
 
 
 def disjoint_pairs(n_items: int, n_pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

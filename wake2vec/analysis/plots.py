@@ -2,7 +2,8 @@
 
 Panels, in the study's order: norm densities (base vs Wake); the three pairwise-cosine
 distributions; cumulative PCA variance; base drift histogram; norm by token index; the
-top-20 eigenvalue spectrum. Drawn with matplotlib's object API on an Agg canvas, so it
+top-20 eigenvalue spectrum. A second, one-panel figure (`plot_source_ranks`) shows where
+each coinage's English source ranks among its nearest base tokens. Drawn with matplotlib's object API on an Agg canvas, so it
 needs no display and never switches the global pyplot backend of the caller. matplotlib is
 imported when a figure is drawn, not when this module is, so computing a summary never
 pays for it.
@@ -143,4 +144,53 @@ def plot_embedding_analysis(data: FigureData, path) -> None:
     n_rows = data.norms.size
     figure.suptitle(f"wake2vec embedding analysis: {n_rows:,} rows "
                     f"({data.base_vocab_size:,} base, {n_rows - data.base_vocab_size:,} Wake)", fontsize=16)
+    figure.savefig(path, dpi=DPI)
+
+
+# The source-rank figure: one panel, 1000 x 600 px, apart from the six-panel figure so that
+# both stay legible.
+SOURCE_RANK_FIGSIZE_INCHES = (10.0, 6.0)
+_GROUP_COLORS = {"builtin": "tab:red", "edit_distance": "tab:purple", "user": "tab:brown"}
+_GROUP_LABELS = {"builtin": "built-in pairs", "edit_distance": "edit-distance pairs", "user": "user pairs"}
+
+
+def plot_source_ranks(ranks: Mapping[str, Mapping[str, np.ndarray | None]], n_candidates: int, path) -> None:
+    """Cumulative share of pairs whose English source ranks within r of the Wake word's base
+    neighbours, per pair group: trained table solid, pre-training snapshot dashed.
+
+    `ranks[group]["post" | "pre"]` are the ranks (1 = nearest), None where not computed; a
+    log x axis from 1 to n_candidates, so top-5 and top-50 (dotted) are readable beside the
+    tail.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=SOURCE_RANK_FIGSIZE_INCHES, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    drawn = 0
+    for group, by_time in ranks.items():
+        for when, style in (("post", "-"), ("pre", "--")):
+            values = by_time.get(when)
+            if values is None or values.size == 0:
+                continue
+            ordered = np.sort(values)
+            share = np.arange(1, ordered.size + 1) / ordered.size
+            ax.step(ordered, share, where="post", linestyle=style, linewidth=1.8, color=_GROUP_COLORS[group],
+                    label=f"{_GROUP_LABELS[group]}, {'trained' if when == 'post' else 'before training'} "
+                    f"(n={ordered.size:,}): median {np.median(ordered):g}, top-5 {np.mean(ordered <= 5):.0%}")
+            drawn += 1
+    for cut in (5, 50):
+        ax.axvline(cut, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set(xlim=(1, max(n_candidates, 2)), ylim=(0, 1.02),
+           title=f"Rank of the English source among the Wake word's nearest base tokens ({n_candidates:,} base rows)",
+           xlabel="rank by cosine (1 = nearest; log scale; dotted: 5 and 50)",
+           ylabel="share of pairs with rank <= r")
+    if drawn:  # below the axes: good ranks fill the upper left, where a legend would hide them
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=9, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no pair maps to rows of this vocabulary", ha="center", va="center",
+                transform=ax.transAxes, fontsize=14)
+    ax.grid(alpha=0.3)
     figure.savefig(path, dpi=DPI)

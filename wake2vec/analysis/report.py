@@ -11,7 +11,8 @@ Everything random (subsamples, pairs, neighbour queries) draws from a stream der
 (seed, purpose), so a seed fixes the whole summary, and adding a new random step never
 shifts the draws of an existing one. What was sampled, and to what size, is in `meta`.
 
-`run_analysis` also writes summary.json and the six-panel PNG; the launchers call it.
+`run_analysis` also writes summary.json, the six-panel PNG and the source-rank figure; the
+launchers call it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import numpy as np
 import scipy
 
 import wake2vec
-from wake2vec.analysis import metrics
-from wake2vec.analysis.plots import FigureData, plot_embedding_analysis
+from wake2vec.analysis import metrics, source_pairs, source_rank
+from wake2vec.analysis.plots import FigureData, plot_embedding_analysis, plot_source_ranks
 
 # The study's partition ratio is O(n^2 D); it used a sample of 5,000 vectors.
 PARTITION_RATIO_SAMPLE = 5_000
@@ -44,6 +45,7 @@ TOP_EIGENVALUES = 20
 
 SUMMARY_FILENAME = "summary.json"
 FIGURE_FILENAME = "embedding_analysis.png"
+SOURCE_RANK_FIGURE_FILENAME = "source_ranks.png"
 
 Tokens = Sequence[str] | Mapping[int, str] | None
 
@@ -249,9 +251,15 @@ def _jsonable(value):
     return value
 
 
-def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0):
-    """(summary, figure data): the figure draws the same arrays the summary describes."""
+def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0, pairs_file=None):
+    """(summary, figure data, source-rank figure data or None): the figures draw the same
+    arrays the summary describes."""
     E_post, E_pre = _validate(E_post, base_vocab_size, E_pre, seed)
+    # A bad pairs file fails before any of the slow work.
+    user_pairs = source_pairs.read_pairs(pairs_file) if pairs_file is not None else None
+    if user_pairs is not None and tokens is None:
+        raise source_pairs.PairsFileError(f"--pairs={pairs_file} needs token names to find the words' rows: "
+                                          "give the tokenizer (--tokenizer, or a workdir with one)")
     n_rows, dim = E_post.shape
     n_base = int(base_vocab_size)
     token_of = _token_lookup(tokens)
@@ -264,6 +272,12 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
     isotropy, isotropy_meta = _isotropy_section(E_post, n_base, full_moments, full_spectra, seed)
     neighbors, neighbors_meta = _neighbors_section(E_post, n_base, token_of, seed)
     pairwise, pair_samples, pairs_meta = _pairwise_section(E_post, n_base, seed)
+    ranks, ranks_meta, figure_ranks = None, "not computed: no token names", None
+    if tokens is not None:
+        ranks, ranks_meta, figure_ranks = source_rank.section(
+            E_post, E_pre, n_base, token_of, user_pairs=user_pairs, rng=_stream(seed, "source_rank/edit_distance"))
+        if user_pairs is not None:
+            ranks_meta["user_file"] = str(pairs_file)
 
     # meta is filled last but kept as the first key, so it heads the file.
     summary = {"meta": None, "norms": _norms_section(norms, n_base), "isotropy": isotropy}
@@ -278,6 +292,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
     summary["neighbors"] = neighbors
     summary["pca"] = pca
     summary["pairwise_cosine"] = pairwise
+    summary["source_rank"] = ranks
     summary["meta"] = {
         "shapes": {"post": [n_rows, dim], "pre": list(E_pre.shape) if E_pre is not None else None},
         "dtype": str(E_post.dtype),
@@ -295,6 +310,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
             "isotropy": isotropy_meta,
             "pairwise_cosine": pairs_meta,
             "neighbors": neighbors_meta,
+            "source_rank": ranks_meta,
         },
         "conventions": {
             "std": "sample standard deviation (ddof=1)",
@@ -309,6 +325,9 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
             "partition_ratio": "the original study's statistic: Z_i = sum_{j != i} exp(cos(v_i, v_j)) over a "
             "sample of raw (uncentred) vectors; min Z / max Z",
             "isoscore": "Rudman et al. (2022), from the covariance eigenvalues (centred)",
+            "source_rank": "per pair group: median rank of the English source among the Wake row's cosine "
+            "neighbours in the base rows, and the share ranked within the top 5 / top 50; post = the trained "
+            "table, pre = the snapshot before step 0 (null without it)",
         },
         "versions": {"wake2vec": wake2vec.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
     }
@@ -323,10 +342,12 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
         top_eigenvalues={name: np.asarray(pca[name]["top_eigenvalues"]) for name in cumulative},
         base_drift_cosines=drift_base_cosines,
     )
-    return _jsonable(summary), figure_data
+    source_rank_figure = None if figure_ranks is None else (figure_ranks, n_base)
+    return _jsonable(summary), figure_data, source_rank_figure
 
 
-def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0) -> dict:
+def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0,
+            pairs_file=None) -> dict:
     """The embedding-space analysis of a trained table, as a JSON-ready dict.
 
     Args:
@@ -337,11 +358,15 @@ def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, 
       tokens: optional id -> token string, as a sequence indexed by id or a mapping; ids it
         lacks, or tokens=None, give null token names.
       seed: fixes every subsample; the same inputs and seed give the same summary.
+      pairs_file: optional file of 'WAKE ENGLISH' lines (source_pairs.read_pairs), ranked as
+        the `user` group beside the built-in and edit-distance pairs; needs `tokens`.
 
     Returns the summary with keys meta, norms, isotropy, drift (with E_pre), neighbors, pca,
-    pairwise_cosine (see ../shared/ORIGINAL.md and the conventions recorded in meta).
+    pairwise_cosine (see ../shared/ORIGINAL.md and the conventions recorded in meta), and
+    source_rank (null without tokens).
     """
-    summary, _ = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed)
+    summary, _, _ = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed,
+                               pairs_file=pairs_file)
     return summary
 
 
@@ -356,17 +381,43 @@ def write_summary(summary: dict, path) -> None:
 
 
 def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: Tokens = None, seed: int = 0,
-                 source: Mapping | None = None) -> dict:
-    """analyze(), then writes out_dir/summary.json and out_dir/embedding_analysis.png.
+                 source: Mapping | None = None, pairs_file=None) -> dict:
+    """analyze(), then writes out_dir/summary.json, out_dir/embedding_analysis.png and, with
+    token names, out_dir/source_ranks.png.
 
     `source` (for example {"workdir": ..., "step": ...}) is recorded as meta.source, so a
     summary says which table it describes. Returns the summary.
     """
-    summary, figure_data = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed)
+    summary, figure_data, source_rank_figure = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens,
+                                                          seed=seed, pairs_file=pairs_file)
     if source is not None:
         summary["meta"]["source"] = _jsonable(dict(source))
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_summary(summary, out_dir / SUMMARY_FILENAME)
     plot_embedding_analysis(figure_data, out_dir / FIGURE_FILENAME)
+    if source_rank_figure is not None:
+        plot_source_ranks(*source_rank_figure, out_dir / SOURCE_RANK_FIGURE_FILENAME)
     return summary
+
+
+def generation_usage_headline(workdir) -> str:
+    """The new-token usage of W/generations.json, one line per sample."""
+    from wake2vec import generate  # the writer owns the file's name and format (and imports JAX)
+
+    path = pathlib.Path(workdir) / generate.GENERATIONS_JSON
+    if not path.is_file():
+        return f"new-token usage in generations: {path} not found (python -m experiments.generate --workdir=...)"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record["distinct_new_all_temperatures"] is None:
+        return f"new-token usage in generations: not counted in {path} (no base vocabulary size)"
+    lines = [f"new-token usage in generations ({path}):"]
+    several = record["settings"].get("samples per temperature", 1) > 1
+    for entry in record["samples"]:
+        usage = entry["usage"]
+        share = "n/a" if usage["share_new"] is None else f"{usage['share_new']:.1%}"
+        label = f"temperature {entry['temperature']:g}" + (f", sample {entry['sample'] + 1}" if several else "")
+        lines.append(f"  {label}: {usage['new_tokens']} of {usage['generated_tokens']} "
+                     f"tokens new ({share}), {usage['distinct_new']} distinct")
+    lines.append(f"  distinct new tokens over all temperatures: {record['distinct_new_all_temperatures']}")
+    return "\n".join(lines)
