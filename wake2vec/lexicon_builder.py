@@ -29,8 +29,13 @@ from wake2vec.data import read_utf8
 # while leading or trailing quotes and dashes, and double hyphens used as dashes, are not
 # part of any word. The look-arounds reject letter runs glued to digits or "_" ("4th",
 # "B52", "snake_case") outright instead of cutting a fragment out of them.
-_LETTER = r"[^\W\d_][\u0300-\u036f]*"
-_WORD = re.compile(rf"(?<!\w)(?:{_LETTER})+(?:[-'’](?:{_LETTER})+)*(?![\w\u0300-\u036f])")
+# The pieces are public and spelt with literal characters (no \u escapes) because
+# wake2vec.whole_word compiles the same word definition in the tokenizers library's regex
+# dialect, so that a "word" means one thing in the lexicon, the injection and its measurement.
+MARKS = "\u0300-\u036f"
+LETTER = rf"[^\W\d_][{MARKS}]*"
+WORD_CORE = rf"(?:{LETTER})+(?:[-'’](?:{LETTER})+)*(?![\w{MARKS}])"
+_WORD = re.compile(rf"(?<!\w){WORD_CORE}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,11 @@ def extract_words(text: str) -> list[str]:
     case-sensitively: the lexicon must hold the forms the text uses.
     """
     return _WORD.findall(unicodedata.normalize("NFC", text))
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every word of an already NFC-normalised `text` (see `extract_words`)."""
+    return [m.span() for m in _WORD.finditer(text)]
 
 
 def count_words(text: str) -> collections.Counter[str]:
