@@ -51,7 +51,7 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     assert all(set(e) == {"step", "train_loss", "lr", "tokens_per_s"} for e in train_events)
     assert [e["step"] for e in events if "val_loss" in e] == [0, 3, 6]
     table = (tmp_path / "loss_table.md").read_text().splitlines()
-    assert table[0] == "| Step | Training Loss | Validation Loss |" and len(table) == 5
+    assert table[0].startswith("| Step | Training Loss | Validation Loss | Val: new tokens (n) |") and len(table) == 5
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     trained = final_table(tmp_path)
