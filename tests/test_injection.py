@@ -22,7 +22,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from wake2vec import data, lexicon_builder, segmentation, vocab, whole_word
+from tools import injection_table
+from wake2vec import data, segmentation, vocab, whole_word, words
 
 _TEXT = (
     "I acknowledge the ack, that ack\nack (ack) o'er-the-weir back. riverrun's riverrun, I'se home\n"
@@ -128,7 +129,7 @@ def _changed_words(base, tok) -> set[str]:
     """Naive: each word of the text, re-tokenized in place, compared token by token."""
     changed = set()
     lexicon = set(_LEXICON)
-    for start, end in lexicon_builder.word_spans(_TEXT):
+    for start, end in words.word_spans(_TEXT):
         word = _TEXT[start:end]
         if word not in lexicon and _tokens_of(base, _TEXT, start, end) != _tokens_of(tok, _TEXT, start, end):
             changed.add(word)
@@ -188,10 +189,10 @@ def _real(shared: pathlib.Path, family: str, mode: str):
     else:
         pytest.importorskip("gguf")
         base = AutoTokenizer.from_pretrained(str(shared / "smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    words = vocab.load_lexicon(shared / "wake_lexicon.txt")
+    lexicon = vocab.load_lexicon(shared / "wake_lexicon.txt")
     text = data.read_corpus(shared / "finnegans_wake.txt")
-    tok, stats, forms = vocab.inject(base, words, mode, text)
-    report, mask = segmentation.measure(base, tok, text, words, stats.base_size, mode)
+    tok, stats, _ = vocab.inject(base, lexicon, mode, text)
+    report, mask = segmentation.measure(base, tok, text, lexicon, stats.base_size, mode)
     return tok, stats, report, mask
 
 
@@ -215,3 +216,8 @@ def test_real_reference_reproduces_the_study_through_inject(shared_data):
     # The damage the issue reports, now measured: thousands of English occurrences re-segmented.
     assert report.resegmented_occurrences > 10000 and not report.round_trip_exact
     assert mask.sum() > report.resegmented_occurrences
+
+
+def test_readme_injection_table_is_the_measured_one():
+    # README quotes docs/injection.json, which `python -m tools.injection_table` writes.
+    assert injection_table.main(["--check"]) == 0

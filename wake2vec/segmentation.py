@@ -1,7 +1,7 @@
 """What an injection did to the corpus's segmentation, measured word by word.
 
-A *word* is a match of `lexicon_builder.word_spans` (letters with inner apostrophes or
-hyphens, the definition the lexicon is built with) in the corpus text, the same in every
+A *word* is a match of `wake2vec.words` (letters with inner apostrophes or hyphens, the
+definition the lexicon is built with) in the corpus text, the same in every
 injection mode. A word's *tokenization* is the sequence of ids of the tokens whose
 character span overlaps the word's span; a token that carries the word-start marker
 ("▁word", "Ġword") overlaps its word, a lone marker token before it does not.
@@ -21,13 +21,14 @@ target type.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Iterable
 
 import numpy as np
 
 from wake2vec.data import tokenizers_backend
-from wake2vec.lexicon_builder import word_spans
+from wake2vec.words import word_spans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +52,14 @@ class SegmentationReport:
     resegmented_types: int
     collateral: float
     round_trip_exact: bool
+    # The most often re-segmented non-lexicon words, (word, occurrences), most first.
+    top_resegmented: tuple[tuple[str, int], ...] = ()
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_TOP = 10
 
 
 def _overlapping(offsets: np.ndarray, spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +93,7 @@ def measure(base_tokenizer, tokenizer, text: str, lexicon: Iterable[str], base_s
 
     mask = np.zeros(len(ids), dtype=bool)
     counts = dict.fromkeys(("lex", "lex_multi", "covered", "covered_multi", "other", "changed"), 0)
-    changed_types = set()
+    changed_types: collections.Counter[str] = collections.Counter()
     for (start, end), bf, bl, f, l in zip(spans.tolist(), b_first, b_last, first, last):
         word = text[start:end]
         before, after = base_ids[bf:bl], ids[f:l]
@@ -102,7 +108,7 @@ def measure(base_tokenizer, tokenizer, text: str, lexicon: Iterable[str], base_s
             counts["other"] += 1
             if not np.array_equal(before, after):
                 counts["changed"] += 1
-                changed_types.add(word)
+                changed_types[word] += 1
                 mask[f:l] = after < base_size
     words = len(spans)
     report = SegmentationReport(
@@ -123,5 +129,6 @@ def measure(base_tokenizer, tokenizer, text: str, lexicon: Iterable[str], base_s
         resegmented_types=len(changed_types),
         collateral=_share(counts["changed"], counts["other"]),
         round_trip_exact=tokenizers_backend(tokenizer).decode(enc.ids, skip_special_tokens=False) == text,
+        top_resegmented=tuple(changed_types.most_common(_TOP)),
     )
     return report, mask

@@ -5,7 +5,7 @@ the model segments it, so lexicon fragments ("ack", "hom", "befor") cut ordinary
 apart. Here the lexicon goes into the BPE model itself, and only a pre-token that equals
 a lexicon word (with its word-start marker) becomes the new id:
 
-* the pre-tokenizer isolates every word (`lexicon_builder.WORD_CORE`: letters with inner
+* the pre-tokenizer isolates every word (`wake2vec.words`: letters with inner
   apostrophes or hyphens), together with the marker in front of it ("▁" in the Llama
   layout, the space that byte-level BPE spells "Ġ"), as one pre-token;
 * the model gets the lexicon's words as vocabulary entries after the base ids, and
@@ -36,7 +36,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 from wake2vec.data import tokenizers_backend
 from wake2vec.errors import UserError
-from wake2vec.lexicon_builder import LETTER, MARKS, WORD_CORE
+from wake2vec.words import MARKS, WORD_CORE
 
 SENTENCEPIECE = "sentencepiece"
 BYTE_LEVEL = "byte_level"
