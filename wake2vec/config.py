@@ -230,7 +230,8 @@ class TrainConfig:
     mask_base_rows: bool = False
     # One unified matrix for input embedding and LM head (the reference); False keeps the head and trains both.
     tie_embeddings: bool = True
-    # Lexicon injection: whole_word (a new token only for a whole word; every other word keeps the base segmentation) | reference (the study's add_tokens, which also matches inside English words).
+    # Lexicon injection: whole_word (a new token only for a whole word; every other word keeps
+    # the base segmentation) | reference (the study's add_tokens, which also matches inside words).
     injection: str = "whole_word"
     # New-row initialiser: mean_noise | spherical | subword_mean | hewitt.
     init: str = "mean_noise"
