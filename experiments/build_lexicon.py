@@ -72,7 +72,8 @@ def write_lexicon(
         frequency = lexicon_builder.read_frequency_list(frequency_list) if frequency_list else None
     except ValueError as e:  # the reader names the file and line
         raise FrequencyListError(str(e)) from None
-    count_pieces = lexicon_builder.piece_counter(vocab.load_base_tokenizer(tokenizer))
+    base = vocab.load_base_tokenizer(tokenizer)
+    count_pieces = lexicon_builder.piece_counter(base)
     entries = lexicon_builder.build_lexicon(
         text, count_pieces, min_count=min_count, min_pieces=min_pieces, max_words=max_words, frequency=frequency
     )
@@ -95,6 +96,7 @@ def write_lexicon(
     for rank, entry in enumerate(entries[:_REPORT_TOP], start=1):
         general = "" if entry.general_frequency is None else f"  general={entry.general_frequency}"
         lines.append(f"{rank:4d}. {entry.word}  pieces={entry.pieces}  count={entry.count}{general}")
+    lines += lexicon_builder.injection_report(base, [entry.word for entry in entries], text)
     return "\n".join(lines)
 
 

@@ -283,3 +283,12 @@ def test_launcher_fails_with_an_actionable_message(tmp_path, tokenizer_dir, flag
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "lexicon.txt").exists()
+
+
+def test_injection_report_says_what_reference_injection_would_re_segment(demo_tok):
+    # "hearthq" is a fragment: add_tokens matches it inside "hearthquake", whole-word never does.
+    reference, whole = lexicon_builder.injection_report(demo_tok, ["hearthq", "thunderwordy"], CORPUS)
+    assert reference.startswith("--injection=reference: 2 new tokens; re-segments 2 of ")
+    assert ": hearthquake (2)" in reference
+    assert whole.startswith("--injection=whole_word: ") and " re-segments 0 of " in whole
+    assert "lexicon coverage 100.00% of multi-piece occurrences" in whole

@@ -60,8 +60,12 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     assert [e["step"] for e in events if "val_loss" in e] == [0, 3, 6]
     assert all(e["eval_s"] > 0 for e in events if "val_loss" in e)
     assert [e["step"] for e in events if "save_s" in e] == [3, 6]
+    vocab = config["vocab"]
+    assert vocab["injection"] == "whole_word" and vocab["collateral"] == 0.0 and vocab["round_trip_exact"]
+    assert all(e["val_tokens"] == e["val_tokens_new"] + e["val_tokens_base"] > 0 and e["val_tokens_resegmented"] == 0
+               for e in events if "val_loss" in e)
     table = (tmp_path / "loss_table.md").read_text().splitlines()
-    assert table[0] == "| Step | Training Loss | Validation Loss |" and len(table) == 5
+    assert table[0].startswith("| Step | Training Loss | Validation Loss | Val: new tokens (n) |") and len(table) == 5
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     trained = final_table(tmp_path)

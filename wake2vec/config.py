@@ -9,7 +9,8 @@ Two kinds of configuration live here:
   a silently wrong model is worse than an error.
 * `TrainConfig` holds every setting of a Phase 1 run. Its fields map one to one onto the
   absl flags of `experiments/train_p1.py` (see `wake2vec.flags`), and its defaults are the
-  reference run's recipe (../shared/ORIGINAL.md).
+  reference run's recipe (../shared/ORIGINAL.md), except `injection` (whole_word; the
+  study's is --injection=reference, see BUILD.md).
 """
 
 from __future__ import annotations
@@ -234,6 +235,9 @@ class TrainConfig:
     mask_base_rows: bool = False
     # One unified matrix for input embedding and LM head (the reference); False keeps the head and trains both.
     tie_embeddings: bool = True
+    # Lexicon injection: whole_word (a new token only for a whole word; every other word keeps
+    # the base segmentation) | reference (the study's add_tokens, which also matches inside words).
+    injection: str = "whole_word"
     # New-row initialiser: mean_noise | spherical | subword_mean | hewitt.
     init: str = "mean_noise"
     # mean_noise: noise scale in units of the base per-dimension std.

@@ -21,16 +21,10 @@ import re
 import unicodedata
 from typing import Callable, Mapping
 
+from wake2vec import segmentation, vocab
 from wake2vec.data import read_utf8
+from wake2vec.words import WORD
 
-# A letter is a Unicode letter ([^\W\d_]: word characters minus digits and "_") with any
-# combining accents that NFC could not fold into it. A word is a run of letters with single
-# inner apostrophes (' or ’) or hyphens, so "o'er-the-weir" and "Brékkek-style" stay whole
-# while leading or trailing quotes and dashes, and double hyphens used as dashes, are not
-# part of any word. The look-arounds reject letter runs glued to digits or "_" ("4th",
-# "B52", "snake_case") outright instead of cutting a fragment out of them.
-_LETTER = r"[^\W\d_][\u0300-\u036f]*"
-_WORD = re.compile(rf"(?<!\w)(?:{_LETTER})+(?:[-'’](?:{_LETTER})+)*(?![\w\u0300-\u036f])")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +48,7 @@ def extract_words(text: str) -> list[str]:
     once it is normalised the same way. Case is kept because tokenizers match added tokens
     case-sensitively: the lexicon must hold the forms the text uses.
     """
-    return _WORD.findall(unicodedata.normalize("NFC", text))
+    return WORD.findall(unicodedata.normalize("NFC", text))
 
 
 def count_words(text: str) -> collections.Counter[str]:
@@ -120,6 +114,28 @@ def piece_counter(tokenizer) -> Callable[[str], int]:
         return len(tokenizer.encode("a " + word, add_special_tokens=False)) - context
 
     return count_pieces
+
+
+def injection_report(base_tokenizer, words: list[str], text: str) -> list[str]:
+    """Report lines: what injecting `words` into `base_tokenizer` would do to `text`, per mode.
+
+    A lexicon of fragments is harmless to the whole-word injection but re-segments English
+    under the study's `add_tokens` (--injection=reference); the builder says how much, and
+    which words suffer most, before anyone trains on it.
+    """
+    lines = []
+    for mode in vocab.INJECTION_MODES:
+        tokenizer, stats, _ = vocab.inject(base_tokenizer, words, mode, text)
+        r, _ = segmentation.measure(base_tokenizer, tokenizer, text, words, stats.base_size, mode)
+        worst = ", ".join(f"{w} ({n})" for w, n in r.top_resegmented)
+        lines.append(
+            f"--injection={mode}: {stats.added} new tokens; re-segments {r.resegmented_occurrences} of "
+            f"{r.non_lexicon_occurrences} occurrences of other words ({100 * r.collateral:.2f}%, "
+            f"{r.resegmented_types} distinct){': ' + worst if worst else ''}; lexicon coverage "
+            f"{100 * r.coverage_multi_piece:.2f}% of multi-piece occurrences; corpus {r.corpus_tokens_base} -> "
+            f"{r.corpus_tokens} tokens"
+        )
+    return lines
 
 
 def read_frequency_list(path: str | os.PathLike) -> dict[str, int]:

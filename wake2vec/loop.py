@@ -45,14 +45,17 @@ class RunResult:
     last_val_loss: float | None
 
 
-def _eval_batches(val_blocks: np.ndarray, batch: int, max_blocks: int):
-    """Fixed-shape eval batches: a short last batch is padded with zero-weight blocks."""
-    for ids in data.eval_batches(val_blocks, batch, max_blocks):
+def _eval_batches(val_blocks: np.ndarray, val_resegmented: np.ndarray, batch: int, max_blocks: int):
+    """Fixed-shape eval batches (ids, block weights, re-segmented mask): a short last batch
+    is padded with zero-weight blocks."""
+    masks = data.eval_batches(val_resegmented, batch, max_blocks)
+    for ids, mask in zip(data.eval_batches(val_blocks, batch, max_blocks), masks):
         weights = np.ones(batch, np.float32)
         if len(ids) < batch:
             weights[len(ids):] = 0.0
-            ids = np.concatenate([ids, np.zeros((batch - len(ids), ids.shape[1]), ids.dtype)])
-        yield ids, weights
+            pad = ((0, batch - len(ids)), (0, 0))
+            ids, mask = np.pad(ids, pad), np.pad(mask, pad)
+        yield ids, weights, mask.astype(bool)
 
 
 class _Progress:
@@ -215,8 +218,11 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=(0,),
     )
-    eval_fn = jax.jit(train.make_eval_step(settings))
+    eval_fn = jax.jit(train.make_eval_step(settings, base_size))
     eval_ids_sharding, eval_weights_sharding = parallel.batch_sharding(mesh, 2, 0), parallel.batch_sharding(mesh, 1, 0)
+    val_resegmented = prepared.val_resegmented
+    if val_resegmented is None:
+        val_resegmented = np.zeros(prepared.val_blocks.shape, bool)
 
     # Both programs are compiled ahead of time, so that their compile time is measured and
     # reported as such instead of inflating the first step and the first evaluation.
@@ -228,24 +234,27 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
         state.trainable, frozen,
         jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32, sharding=eval_ids_sharding),
         jax.ShapeDtypeStruct((cfg.batch_size,), np.float32, sharding=eval_weights_sharding),
+        jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.bool_, sharding=eval_ids_sharding),
     ).compile()
     compile_s = time.perf_counter() - compile_started
     logging.info("compiled the train step in %.1f s and the eval step in %.1f s", step_compile_s, compile_s - step_compile_s)
 
-    def evaluate(trainable_now) -> float:
-        total, count = 0.0, 0.0
-        for ids, weights in _eval_batches(prepared.val_blocks, cfg.batch_size, cfg.eval_blocks):
-            loss_sum, n = eval_fn(trainable_now, frozen, jax.device_put(ids, eval_ids_sharding),
-                                  jax.device_put(weights, eval_weights_sharding))
-            total, count = total + float(loss_sum), count + float(n)
-        return total / count
+    def evaluate(trainable_now) -> dict:
+        """The eval event's fields: the validation loss overall and by target type, with counts."""
+        sums, counts = np.zeros(len(train.EVAL_CATEGORIES)), np.zeros(len(train.EVAL_CATEGORIES))
+        for ids, weights, mask in _eval_batches(prepared.val_blocks, val_resegmented, cfg.batch_size, cfg.eval_blocks):
+            loss_sums, n = eval_fn(trainable_now, frozen, jax.device_put(ids, eval_ids_sharding),
+                                   jax.device_put(weights, eval_weights_sharding), jax.device_put(mask, eval_ids_sharding))
+            sums, counts = sums + np.asarray(loss_sums, np.float64), counts + np.asarray(n, np.float64)
+        return records.val_loss_fields(train.EVAL_CATEGORIES, sums, counts)
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     progress = _Progress(cfg, tokens_per_step, compile_s)
     last_val = None
     if start == 0 and not records.read_metrics(workdir):
-        last_val, eval_s = _timed(evaluate, state.trainable)
-        log_event(progress.note_eval(0, last_val, eval_s))
+        fields, eval_s = _timed(evaluate, state.trainable)
+        last_val = fields["val_loss"]
+        log_event({**progress.note_eval(0, last_val, eval_s), **fields})
 
     try:
         for step in range(start, cfg.max_steps):
@@ -272,9 +281,9 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
                 log_event({**progress.flush(done, float(metrics["lr"])), "grad_norm": float(metrics["grad_norm"])})
             val_loss = None
             if done % cfg.eval_every == 0 or is_last:
-                val_loss, eval_s = _timed(evaluate, state.trainable)
-                last_val = val_loss
-                log_event(progress.note_eval(done, val_loss, eval_s))
+                fields, eval_s = _timed(evaluate, state.trainable)
+                val_loss = last_val = fields["val_loss"]
+                log_event({**progress.note_eval(done, val_loss, eval_s), **fields})
             if save_now:
                 _, save_s = _timed(lambda: ckpt.save(state, val_loss=val_loss))
                 log_event(progress.note_save(done, save_s))

@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 
-from wake2vec import convert, data, demo, optim, parallel, vocab, workdir as records
+from wake2vec import convert, data, demo, optim, parallel, segmentation, vocab, workdir as records
 from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 from wake2vec.model import REMAT_POLICIES
@@ -43,6 +43,8 @@ class PreparedRun:
     train_blocks: np.ndarray
     val_blocks: np.ndarray
     record: dict  # what config.json holds
+    # (val blocks, seq_len) bool: base-token positions inside words the injection re-segmented.
+    val_resegmented: np.ndarray | None = None
 
 
 # (flag, holds, what the flag must be): every numeric range, checked by name.
@@ -84,6 +86,7 @@ def validate_flags(cfg: TrainConfig) -> None:
         "optimizer": tuple(optim.OPTIMIZERS),
         "schedule": tuple(optim.SCHEDULES),
         "init": vocab.INIT_METHODS,
+        "injection": vocab.INJECTION_MODES,
         "remat": tuple(REMAT_POLICIES),
         "extend_schedule": ("",) + optim.EXTENSIONS,
     }
@@ -261,8 +264,8 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     model_dir = convert.resolve_checkpoint(model_spec)
     source_cfg = convert.read_config(model_dir)
     tokenizer_path = cfg.tokenizer or str(model_dir)
-    tokenizer = vocab.load_base_tokenizer(tokenizer_path)
-    vocab.check_tokenizer_matches_model(len(tokenizer), source_cfg.vocab_size, tokenizer_source=tokenizer_path, model_source=model_spec)
+    base_tokenizer = vocab.load_base_tokenizer(tokenizer_path)
+    vocab.check_tokenizer_matches_model(len(base_tokenizer), source_cfg.vocab_size, tokenizer_source=tokenizer_path, model_source=model_spec)
     data.check_seq_len(cfg.seq_len, source_cfg.max_position_embeddings, model_spec)
     words = vocab.load_lexicon(lexicon_path)
     text = data.read_corpus(corpus_path, strip_banners=cfg.strip_banners, start_marker=cfg.start_marker)
@@ -272,10 +275,13 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     schedule = optim.schedule_record(stored, cfg)
     stored = stored or {}
 
-    vocab_stats = vocab.augment_tokenizer(tokenizer, words)
+    tokenizer, vocab_stats, new_forms = vocab.inject(base_tokenizer, words, cfg.injection, text)
     ids = _corpus_ids(tokenizer, text, workdir, stored.get("corpus_tokens_sha256"))
+    seg_report, resegmented = segmentation.measure(base_tokenizer, tokenizer, text, words, vocab_stats.base_size, cfg.injection)
+    logging.info("segmentation (%s): %s", cfg.injection, seg_report.as_dict())
     blocks = data.make_blocks(ids, cfg.seq_len)
     train_blocks, val_blocks = data.split_blocks(blocks, cfg.val_fraction, cfg.split_shuffle_seed)
+    val_resegmented = data.split_blocks(data.make_blocks(resegmented, cfg.seq_len), cfg.val_fraction, cfg.split_shuffle_seed)[1].astype(bool)
     corpus_stats = data.CorpusStats(len(ids), len(train_blocks), len(val_blocks), cfg.seq_len)
     tokenizer_sha256 = _save_tokenizer(tokenizer, workdir)
 
@@ -284,7 +290,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     frozen = read_frozen_body(model_dir, cfg.frozen_dtype) if cfg.max_steps else None
     piece_ids = None
     if cfg.init == "subword_mean":
-        piece_ids = vocab.subword_piece_ids(vocab.load_base_tokenizer(tokenizer_path), vocab.added_words(tokenizer, vocab_stats.base_size))
+        piece_ids = vocab.subword_piece_ids(base_tokenizer, new_forms)
     table = _grow(params.pop("embedding"), vocab_stats, cfg, cfg.seed, piece_ids)
     trainable = {"embedding": table}
     source_head = params.pop("lm_head", None)
@@ -316,10 +322,11 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         "tokenizer_sha256": tokenizer_sha256,
         "embeddings_pre_sha256": embeddings_pre_sha256,
         "model": dataclasses.asdict(model_cfg),
-        "vocab": vocab_stats.as_dict(),
+        "vocab": {**vocab_stats.as_dict(), **seg_report.as_dict()},
         "data": corpus_stats.as_dict(),
         "config_changes": history,
         **schedule,
     }
     records.write_config(workdir, record)
-    return PreparedRun(model_cfg, trainable, frozen, tokenizer, vocab_stats, corpus_stats, train_blocks, val_blocks, record)
+    return PreparedRun(model_cfg, trainable, frozen, tokenizer, vocab_stats, corpus_stats, train_blocks, val_blocks, record,
+                       val_resegmented=val_resegmented)

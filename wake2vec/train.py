@@ -48,14 +48,14 @@ class StepSettings:
 
 
 def _chunked(hidden, targets, weights, chunk):
-    """(N, D), (N,), (N,) -> chunks of `chunk` tokens; padding tokens carry weight 0."""
+    """(N, D), (N,), (N[, K]) -> chunks of `chunk` tokens; padding tokens carry weight 0."""
     n, dim = hidden.shape
     chunk = min(chunk, n)
     pad = -n % chunk
     return (
         jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, dim),
         jnp.pad(targets, (0, pad)).reshape(-1, chunk),
-        jnp.pad(weights, (0, pad)).reshape(-1, chunk),
+        jnp.pad(weights, [(0, pad)] + [(0, 0)] * (weights.ndim - 1)).reshape(-1, chunk, *weights.shape[1:]),
     )
 
 
@@ -70,7 +70,9 @@ def chunked_cross_entropy(hidden, head, targets, weights, vocab_size: int, chunk
     """Sum over tokens of weights * -log softmax(hidden @ head^T)[target].
 
     hidden (N, D) float32, head (rows, D) with rows >= vocab_size (padding rows get no
-    probability and exactly zero gradient), targets (N,), weights (N,). Tokens go `chunk` at
+    probability and exactly zero gradient), targets (N,), weights (N,). Evaluation may pass
+    weights (N, K), one column per category of tokens, and gets the K sums from one pass
+    over the logits (differentiation takes (N,) weights only). Tokens go `chunk` at
     a time, so at most one (chunk x rows) block of logits exists: the full (N x rows) logits
     never do. Under differentiation the forward pass also forms both gradients from the
     same block (softmax - one-hot, times the head / the hidden states), so the backward pass
@@ -83,12 +85,15 @@ def chunked_cross_entropy(hidden, head, targets, weights, vocab_size: int, chunk
         h, t, w = xs
         logits = _masked_logits(h, head, vocab_size, compute_dtype)
         target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return total + jnp.sum(w * (jax.nn.logsumexp(logits, axis=-1) - target_logit)), None
+        losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        return total + jnp.sum(w * losses.reshape(losses.shape + (1,) * (w.ndim - 1)), axis=0), None
 
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_chunks, t_chunks, w_chunks))[0]
+    return jax.lax.scan(body, jnp.zeros(weights.shape[1:], jnp.float32), (h_chunks, t_chunks, w_chunks))[0]
 
 
 def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk, compute_dtype):
+    if weights.ndim != 1:
+        raise ValueError(f"chunked_cross_entropy is differentiated with one weight per token, got weights {weights.shape}")
     h_chunks, t_chunks, w_chunks = _chunked(hidden, targets, weights, chunk)
     head_c = head.astype(compute_dtype)
 
@@ -121,6 +126,26 @@ def _cross_entropy_backward(vocab_size, chunk, compute_dtype, residuals, cotange
 chunked_cross_entropy.defvjp(_cross_entropy_with_grads, _cross_entropy_backward)
 
 
+def weighted_loss_sum(trainable: dict, frozen: dict, ids: jax.Array, weights: jax.Array, settings: StepSettings) -> jax.Array:
+    """Sum of the next-token losses of blocks ids (B, T), weighted by weights (B, T-1).
+
+    Weights (B, T-1, K) give the K weighted sums at once (one column per category).
+    """
+    cfg = settings.model_cfg
+    params = {**frozen, **trainable}
+    hidden = model.hidden_states(cfg, params, ids[:, :-1], compute_dtype=settings.compute_dtype, remat=settings.remat).hidden
+    batch, length = ids[:, 1:].shape
+    return chunked_cross_entropy(
+        hidden.reshape(batch * length, -1),
+        model.head_matrix(cfg, params),
+        ids[:, 1:].reshape(-1),
+        weights.reshape(batch * length, *weights.shape[2:]),
+        cfg.vocab_size,
+        settings.loss_chunk,
+        settings.compute_dtype,
+    )
+
+
 def loss_sum_and_count(
     trainable: dict, frozen: dict, ids: jax.Array, block_weights: jax.Array, settings: StepSettings
 ) -> tuple[jax.Array, jax.Array]:
@@ -129,21 +154,9 @@ def loss_sum_and_count(
     `block_weights` (B,) is 1 for real blocks and 0 for padding blocks of a short last
     eval batch, so padding never counts in the mean.
     """
-    cfg = settings.model_cfg
-    params = {**frozen, **trainable}
-    hidden = model.hidden_states(cfg, params, ids[:, :-1], compute_dtype=settings.compute_dtype, remat=settings.remat).hidden
     batch, length = ids[:, 1:].shape
-    weights = jnp.broadcast_to(block_weights[:, None].astype(jnp.float32), (batch, length)).reshape(-1)
-    total = chunked_cross_entropy(
-        hidden.reshape(batch * length, -1),
-        model.head_matrix(cfg, params),
-        ids[:, 1:].reshape(-1),
-        weights,
-        cfg.vocab_size,
-        settings.loss_chunk,
-        settings.compute_dtype,
-    )
-    return total, jnp.sum(weights)
+    weights = jnp.broadcast_to(block_weights[:, None].astype(jnp.float32), (batch, length))
+    return weighted_loss_sum(trainable, frozen, ids, weights, settings), jnp.sum(weights)
 
 
 def all_finite(tree) -> jax.Array:
@@ -195,11 +208,34 @@ def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, 
     return train_step
 
 
-def make_eval_step(settings: StepSettings) -> Callable:
-    """eval_step(trainable, frozen, ids (B, T), block_weights (B,)) -> (loss_sum, count)."""
+# The validation loss by target type: every prediction, those whose target is a new (Wake)
+# token, those whose target is a base token, and the base-token targets inside words the
+# injection re-segmented (wake2vec.segmentation), which tell the injection's damage apart
+# from the model's trouble with the new words.
+EVAL_CATEGORIES = ("all", "new", "base", "resegmented")
 
-    def eval_step(trainable, frozen, ids, block_weights):
-        return loss_sum_and_count(trainable, frozen, ids, block_weights, settings)
+
+def category_weights(ids: jax.Array, block_weights: jax.Array, resegmented: jax.Array, base_size: int) -> jax.Array:
+    """(B, T-1, 4) float32 weights of the predictions of blocks ids (B, T), per EVAL_CATEGORIES.
+
+    The prediction at position j has target ids[:, j + 1], so its categories are read at
+    j + 1: `resegmented` (B, T) is the per-token mask aligned with ids.
+    """
+    targets = ids[:, 1:]
+    is_new = targets >= base_size
+    columns = (jnp.ones_like(is_new), is_new, ~is_new, resegmented[:, 1:] & ~is_new)
+    block = block_weights[:, None].astype(jnp.float32)
+    return jnp.stack([block * c.astype(jnp.float32) for c in columns], axis=-1)
+
+
+def make_eval_step(settings: StepSettings, base_size: int) -> Callable:
+    """eval_step(trainable, frozen, ids (B, T), block_weights (B,), resegmented (B, T) bool)
+    -> (loss sums (4,), prediction counts (4,)) over EVAL_CATEGORIES, from one pass over the
+    chunked logits."""
+
+    def eval_step(trainable, frozen, ids, block_weights, resegmented):
+        weights = category_weights(ids, block_weights, resegmented, base_size)
+        return weighted_loss_sum(trainable, frozen, ids, weights, settings), jnp.sum(weights, axis=(0, 1))
 
     return eval_step
 

@@ -25,8 +25,10 @@ from typing import Sequence
 
 import numpy as np
 from absl import logging
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from wake2vec import whole_word
 from wake2vec.data import read_utf8, tokenizers_backend
 from wake2vec.errors import UserError
 
@@ -168,14 +170,60 @@ def augment_tokenizer(tokenizer: PreTrainedTokenizerFast, words: Sequence[str]) 
     return stats
 
 
+INJECTION_MODES = ("reference", "whole_word")
+
+
+def _rewrap(tokenizer: PreTrainedTokenizerFast, backend) -> PreTrainedTokenizerFast:
+    """A new fast tokenizer around `backend` with `tokenizer`'s special tokens and settings."""
+    kwargs = {k: v for k, v in tokenizer.init_kwargs.items() if k in _CONFIG_KEYS and v is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def inject(
+    base_tokenizer: PreTrainedTokenizerFast, words: Sequence[str], mode: str, text: str
+) -> tuple[PreTrainedTokenizerFast, VocabStats, list[whole_word.Form]]:
+    """(augmented tokenizer, stats, one Form per new id) for --injection=`mode`; the base is left as is.
+
+    reference: `augment_tokenizer` (the study's add_tokens) on a copy; every new row is the
+    word's marked form. whole_word: see wake2vec.whole_word; `text` (the corpus) decides
+    which unmarked forms get a token.
+    """
+    backend = Tokenizer.from_str(tokenizers_backend(base_tokenizer).to_str())
+    if mode == "reference":
+        tokenizer = _rewrap(base_tokenizer, backend)
+        stats = augment_tokenizer(tokenizer, words)
+        return tokenizer, stats, [whole_word.Form(w, True) for w in added_words(tokenizer, stats.base_size)]
+    if mode != "whole_word":
+        raise ValueError(f"--injection={mode!r}; choose one of {', '.join(INJECTION_MODES)}")
+    built, forms, already = whole_word.build(base_tokenizer, words, text)
+    tokenizer = _rewrap(base_tokenizer, built)
+    base_size = len(base_tokenizer)
+    if not forms:
+        raise VocabError(
+            f"the lexicon ({len(words)} words) adds no token: every word is already one token of the base "
+            "vocabulary; check that --lexicon is the Wake lexicon and --tokenizer the base one"
+        )
+    stats = VocabStats(base_size=base_size, lexicon_words=len(dict.fromkeys(words)), already_in_base=already,
+                       added=len(forms), total=len(tokenizer))
+    logging.info(
+        "whole-word injection: %d words, %d already one base token, %d new tokens (%d unmarked forms): %d -> %d",
+        stats.lexicon_words, stats.already_in_base, stats.added, sum(not f.marked for f in forms),
+        stats.base_size, stats.total,
+    )
+    return tokenizer, stats, forms
+
+
 def added_words(tokenizer: PreTrainedTokenizerFast, base_size: int) -> list[str]:
     """The words of ids base_size .. len(tokenizer)-1, i.e. one per new embedding row.
 
-    Read from the added-tokens table: `convert_ids_to_tokens` would return the normalised
-    form ("▁riverrun") rather than the lexicon word ("riverrun").
+    Read from the added-tokens table (reference injection): `convert_ids_to_tokens` would
+    return the normalised form ("▁riverrun") rather than the lexicon word ("riverrun"). A
+    whole-word token is a model entry ("▁riverrun", "Ġriverrun" or "riverrun"): its word is
+    its decoded text without the word-start space, so both forms of a word give the word.
     """
-    decoder = tokenizer.backend_tokenizer.get_added_tokens_decoder()
-    return [decoder[i].content for i in range(base_size, len(tokenizer))]
+    backend = tokenizers_backend(tokenizer)
+    decoder = backend.get_added_tokens_decoder()
+    return [decoder[i].content if i in decoder else backend.decode([i]).lstrip(" ") for i in range(base_size, len(tokenizer))]
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, workdir: str | os.PathLike) -> pathlib.Path:
@@ -211,27 +259,41 @@ def check_tokenizer_matches_model(
         )
 
 
-# The word-boundary symbol of SentencePiece-style tokenizers (Llama's tokenizer.json).
-_BOUNDARY = "▁"
+# Word-start markers: SentencePiece's "▁" and byte-level BPE's "Ġ" (a space, byte-mapped).
+_MARKERS = (whole_word.SP_MARKER, "Ġ")
+
+# (context, separator) a piece list is cut out of: a marked form as after a word and a space,
+# an unmarked one as at a line start. The separator is not part of the context, since
+# byte-level BPE would spell a trailing space as a token of its own.
+_CONTEXT = {True: ("a", " "), False: ("\n", "")}
 
 
-def subword_piece_ids(base_tokenizer, words: Sequence[str]) -> list[list[int]]:
-    """Ids of the pieces the BASE tokenizer splits each word into (no BOS/EOS).
+def subword_piece_ids(base_tokenizer, words: Sequence[str | whole_word.Form]) -> list[list[int]]:
+    """Ids of the pieces the BASE tokenizer gives each new row's word in running text.
 
-    Call it with the tokenizer before `augment_tokenizer` (or a fresh load): afterwards each
-    word is its own single token. Under Llama's normalizer a word is split as "▁word",
-    and when no merge starts with "▁" + its first character (digits, punctuation, rare
-    letters) the first piece is a bare "▁". That piece is dropped whenever other pieces
-    remain: it carries no lexical content, and keeping it would pull all such words toward
-    one shared vector.
+    A plain string is a marked form (a word after a space). The pieces are those of the word
+    inside "a " + word (or "\n" + word, unmarked) minus those of "a" (or "\n"), so a
+    byte-level tokenizer spells the word with its word-start marker ("Ġriver", "run") as it
+    does mid-text, not as it spells the bare string ("river", "run"); for Llama's layout this
+    is the same as encoding the word alone. When no merge joins the marker with the first
+    letter (digits, punctuation, rare letters) the first piece is a bare marker: it is
+    dropped whenever other pieces remain, since it carries no lexical content and keeping it
+    would pull all such words toward one shared vector.
     """
+    backend = tokenizers_backend(base_tokenizer)
+    forms = [w if isinstance(w, whole_word.Form) else whole_word.Form(w, True) for w in words]
+    contexts = {marked: backend.encode(c, add_special_tokens=False).ids for marked, (c, _) in _CONTEXT.items()}
+    encodings = backend.encode_batch(["".join(_CONTEXT[f.marked]) + f.word for f in forms], add_special_tokens=False)
     pieces = []
-    for word, enc in zip(words, tokenizers_backend(base_tokenizer).encode_batch(list(words), add_special_tokens=False)):
-        ids, tokens = list(enc.ids), enc.tokens
-        if len(ids) > 1 and tokens[0] == _BOUNDARY:
+    for form, enc in zip(forms, encodings):
+        context = contexts[form.marked]
+        if enc.ids[: len(context)] != context:
+            raise AssertionError(f"the base tokenizer merges {form.word!r} into its context {_CONTEXT[form.marked][0]!r}")
+        ids, tokens = enc.ids[len(context):], enc.tokens[len(context):]
+        if len(ids) > 1 and tokens[0] in _MARKERS:
             ids = ids[1:]
         if not ids:
-            raise VocabError(f"the base tokenizer splits {word!r} into no pieces")
+            raise VocabError(f"the base tokenizer splits {form.word!r} into no pieces")
         pieces.append(ids)
     return pieces
 

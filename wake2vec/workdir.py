@@ -282,12 +282,44 @@ def loss_rows(events: Iterable[dict]) -> list[tuple[int, float | None, float]]:
     return [(e["step"], train_at.get(e["step"]), e["val_loss"]) for e in events if "val_loss" in e]
 
 
+# Validation loss by target type (wake2vec.train.EVAL_CATEGORIES): metrics.jsonl key suffix,
+# loss-table header and curve label.
+VAL_BY_TYPE = (
+    ("new", "Val: new tokens (n)", "validation, targets new tokens"),
+    ("base", "Val: base tokens (n)", "validation, targets base tokens"),
+    ("resegmented", "Val: re-segmented (n)", "validation, base tokens in re-segmented words"),
+)
+
+
+def val_loss_fields(categories: Iterable[str], sums, counts) -> dict:
+    """The eval event's fields: `val_loss` / `val_tokens` for "all", `val_loss_<c>` /
+    `val_tokens_<c>` for each other category; a mean over no token is None (JSON null)."""
+    fields = {}
+    for category, total, count in zip(categories, sums, counts):
+        suffix = "" if category == "all" else f"_{category}"
+        fields[f"val_loss{suffix}"] = float(total / count) if count else None
+        fields[f"val_tokens{suffix}"] = int(count)
+    return fields
+
+
+def _by_type_cell(event: dict, category: str) -> str:
+    if f"val_tokens_{category}" not in event:  # logged before the split existed
+        return ""
+    loss = event[f"val_loss_{category}"]
+    return f"{'–' if loss is None else f'{loss:.4f}'} ({event[f'val_tokens_{category}']:,})"
+
+
 def write_loss_table(workdir: pathlib.Path, events: Iterable[dict]) -> None:
-    """`| Step | Training Loss | Validation Loss |` at each eval, as the study reports it."""
-    lines = ["| Step | Training Loss | Validation Loss |", "|:--|:--|:--|"]
+    """`| Step | Training Loss | Validation Loss |` at each eval, as the study reports it,
+    then the validation loss by target type with its token count."""
+    events = list(events)
+    by_step = {e["step"]: e for e in events if "val_loss" in e}
+    header = " | ".join(["Step", "Training Loss", "Validation Loss"] + [h for _, h, _ in VAL_BY_TYPE])
+    lines = [f"| {header} |", "|:--" * (3 + len(VAL_BY_TYPE)) + "|"]
     for step, train_loss, val_loss in loss_rows(events):
         shown = "" if train_loss is None else f"{train_loss:.4f}"
-        lines.append(f"| {step} | {shown} | {val_loss:.4f} |")
+        cells = [_by_type_cell(by_step[step], c) for c, _, _ in VAL_BY_TYPE]
+        lines.append(f"| {step} | {shown} | {val_loss:.4f} | " + " | ".join(cells) + " |")
     atomic_write_text(workdir / LOSS_TABLE, "\n".join(lines) + "\n")
 
 
@@ -305,6 +337,10 @@ def write_loss_curve(workdir: pathlib.Path, events: Iterable[dict]) -> None:
         ax.plot(*zip(*train), label="training loss (mean since previous log)", color="tab:blue")
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", color="tab:red")
+    for (category, _, label), color in zip(VAL_BY_TYPE, ("tab:purple", "tab:green", "tab:orange")):
+        points = [(e["step"], e[f"val_loss_{category}"]) for e in events if e.get(f"val_loss_{category}") is not None]
+        if points:
+            ax.plot(*zip(*points), "--", marker=".", label=label, color=color)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title("Phase 1: embedding-only training")
