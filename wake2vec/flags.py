@@ -89,5 +89,7 @@ def markdown_table(cls: type) -> str:
     helps = field_help(cls)
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     for field in dataclasses.fields(cls):
-        rows.append(f"| `--{field.name}` | `{_format_default(field.default)}` | {helps.get(field.name, '')} |")
+        # A bare "|" in help text ("cosine | linear") would end the cell.
+        meaning = helps.get(field.name, "").replace("|", "\\|")
+        rows.append(f"| `--{field.name}` | `{_format_default(field.default)}` | {meaning} |")
     return "\n".join(rows)
