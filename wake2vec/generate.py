@@ -22,7 +22,8 @@ sampling, top-p on or off) are static, mirroring transformers, which only builds
 processors a call asks for. Temperature, top-p, the penalty and the eos id are traced, so
 sweeping temperatures (as experiments/generate.py does) compiles the sampler once.
 
-End of sequence: once a row emits `eos_id`, every later position of that row is `eos_id`
+End of sequence: once a row emits `eos_id` (or any of several ids: Llama 3 lists its
+end-of-turn tokens), every later position of that row is the (first) `eos_id`
 (transformers writes its pad token there instead; writing eos keeps "everything after the
 first eos" trivially strippable with `skip_special_tokens`). When every row has finished
 the loop stops early, so an eos-terminated batch costs only the steps it used.
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wake2vec import model
-from wake2vec.config import ModelConfig
+from wake2vec.config import ModelConfig, UnsupportedConfigError
 
 # The eos id the jitted loop sees when the caller wants no stopping: no token equals it.
 _NO_EOS = -1
@@ -140,7 +141,7 @@ def _decode(
     prompt_ids: jax.Array,
     key: jax.Array,
     sampler: SamplerValues,
-    eos_id: jax.Array,
+    eos_ids: jax.Array,
     *,
     cfg: ModelConfig,
     max_new_tokens: int,
@@ -154,7 +155,7 @@ def _decode(
     total = prompt_len + max_new_tokens
     rows = jnp.arange(batch)
     # After eos a row keeps writing eos; without an eos id nothing ever reads this fill.
-    fill = jnp.where(eos_id == _NO_EOS, 0, eos_id).astype(jnp.int32)
+    fill = jnp.where(eos_ids[0] == _NO_EOS, 0, eos_ids[0]).astype(jnp.int32)
 
     def emit(logits: jax.Array, state: _LoopState) -> _LoopState:
         token = next_token(
@@ -166,7 +167,7 @@ def _decode(
             tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.position)),
             cache=state.cache,
             seen=state.seen.at[rows, token].set(True),
-            done=state.done | (token == eos_id),
+            done=state.done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1),
             position=state.position + 1,
         )
 
@@ -224,6 +225,18 @@ def _validated_prompt(cfg: ModelConfig, prompt_ids: Any, max_new_tokens: int) ->
             f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or lower "
             f"max_new_tokens to at most {cfg.max_position_embeddings - prompt.shape[1]}"
         )
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling.rope_type == "longrope":
+        # Longrope changes every frequency once a pass reaches past the original context;
+        # transformers then recomputes the whole cache. A cache that crosses the switch is
+        # not implemented: the keys already cached would be rotated by the wrong factors.
+        switch, last_fed = scaling.original_max_position_embeddings, prompt.shape[1] + max_new_tokens - 1
+        if prompt.shape[1] <= switch < last_fed:
+            raise UnsupportedConfigError(
+                f"longrope (rope_scaling of this Phi-3 checkpoint) switches to its long factors past position "
+                f"{switch}; decoding across it is not implemented: keep prompt + max_new_tokens <= {switch + 1}, "
+                f"or give a prompt longer than {switch} tokens"
+            )
     return prompt.astype(np.int32)
 
 
@@ -248,7 +261,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int = 0,
     compute_dtype: Any = jnp.float32,
 ) -> jax.Array:
@@ -262,7 +275,8 @@ def generate(
     """
     prompt = _validated_prompt(cfg, prompt_ids, max_new_tokens)
     _validate_sampler(temperature, top_k, top_p, repetition_penalty)
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+    eos_ids = [] if eos_id is None else [int(e) for e in np.atleast_1d(eos_id)]
+    if not all(0 <= e < cfg.vocab_size for e in eos_ids):
         raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {cfg.vocab_size}); pass None to never stop")
     greedy = temperature == 0
     sampler = SamplerValues(
@@ -275,7 +289,7 @@ def generate(
         jnp.asarray(prompt),
         jax.random.PRNGKey(seed),
         sampler,
-        jnp.int32(_NO_EOS if eos_id is None else eos_id),
+        jnp.asarray(eos_ids or [_NO_EOS], jnp.int32),
         cfg=cfg,
         max_new_tokens=int(max_new_tokens),
         greedy=greedy,
@@ -387,7 +401,7 @@ def write_generations(
                 compute_dtype=compute_dtype,
             )
         )[0]
-        stops = np.flatnonzero(tokens[len(prompt_ids):] == eos_id) if eos_id is not None else []
+        stops = np.flatnonzero(np.isin(tokens[len(prompt_ids):], eos_id)) if eos_id is not None else []
         emitted = stops[0] + 1 if len(stops) else settings.max_new_tokens
         log(f"{_temperature_title(temperature)}: {emitted} new tokens in {time.perf_counter() - started:.1f} s")
         continuations.append((temperature, tokenizer.decode(tokens.tolist(), skip_special_tokens=True)))
