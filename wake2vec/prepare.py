@@ -151,6 +151,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
 
     logging.info("reading %s (frozen body as %s)", model_dir, cfg.frozen_dtype)
     _, params = convert.load_hf(str(model_dir), dtype=dtype_from_name(cfg.frozen_dtype), as_numpy=True)
+    params = convert.drop_padding_rows(params, vocab_stats.base_size)
     piece_ids = None
     if cfg.init == "subword_mean":
         piece_ids = vocab.subword_piece_ids(vocab.load_base_tokenizer(tokenizer_path), vocab.added_words(tokenizer, vocab_stats.base_size))
