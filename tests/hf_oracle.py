@@ -102,7 +102,8 @@ FAMILIES = {
     "qwen2": ("Qwen2", dict(tie_word_embeddings=True, vocab_size=320)),
     "phi3": ("Phi3", dict(
         pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=20, original_max_position_embeddings=256,
-        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [2.0, 3.0, 5.0, 8.0]})),
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6],
+                      "long_factor": [2.0, 3.0, 5.0, 8.0]})),
     "gemma2": ("Gemma2", dict(
         head_dim=32, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=1.0,
         final_logit_softcapping=0.5, pad_token_id=0, bos_token_id=2, eos_token_id=1, attn_implementation="eager")),

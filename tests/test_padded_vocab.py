@@ -38,7 +38,8 @@ def _padded_source(tmp_path):
     source = tmp_path / "source"
     hf.save_pretrained(source)
     tokenizer.save_pretrained(str(source))
-    words = [e.word for e in lexicon_builder.build_lexicon(text, lexicon_builder.piece_counter(tokenizer), min_count=2, min_pieces=3)]
+    entries = lexicon_builder.build_lexicon(text, lexicon_builder.piece_counter(tokenizer), min_count=2, min_pieces=3)
+    words = [e.word for e in entries]
     lexicon = tmp_path / "lexicon.txt"
     lexicon.write_text("".join(w + "\n" for w in words), encoding="utf-8")
     return hf, base, source, lexicon
@@ -72,7 +73,8 @@ def test_new_rows_in_the_padding_range_are_initialised_trained_and_exported(tmp_
     assert np.all(moved[:base] == 0) and np.all(moved[base:] > 0)
 
     # Export: the shape and base rows transformers' own resize gives the source model.
-    out = convert.save_hf(run.model_cfg, {**run.frozen, "embedding": np.asarray(state.trainable["embedding"])}, tmp_path / "out")
+    trained = {**run.frozen, "embedding": np.asarray(state.trainable["embedding"])}
+    out = convert.save_hf(run.model_cfg, trained, tmp_path / "out")
     exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     hf.resize_token_embeddings(len(run.tokenizer))
     resized = hf.model.embed_tokens.weight.detach().numpy()

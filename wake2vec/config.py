@@ -95,7 +95,9 @@ class RopeScaling:
         names = {
             "linear": ("factor",),
             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-            "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "factor", "attention_factor"),
+            "longrope": (
+                "short_factor", "long_factor", "original_max_position_embeddings", "factor", "attention_factor"
+            ),
         }[self.rope_type]
         out = {"rope_type": self.rope_type, "rope_theta": rope_theta}
         for name in names:
@@ -251,10 +253,13 @@ class ModelConfig:
         layer_types = hf.get("layer_types")
         if model_type == "gemma2" and not layer_types:
             # Gemma2Config's default: even layers local, odd layers global.
-            layer_types = [SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(int(hf["num_hidden_layers"]))]
+            layers = int(hf["num_hidden_layers"])
+            layer_types = [SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(layers)]
         unknown = sorted(set(layer_types or ()) - {FULL_ATTENTION, SLIDING_ATTENTION})
         if unknown:
-            raise UnsupportedConfigError(f"{source}: layer_types {unknown} are not supported; only {FULL_ATTENTION}/{SLIDING_ATTENTION}")
+            raise UnsupportedConfigError(
+                f"{source}: layer_types {unknown} are not supported; only {FULL_ATTENTION}/{SLIDING_ATTENTION}"
+            )
         gemma = model_type == "gemma2"
         max_positions = int(hf.get("max_position_embeddings", 2048))
         return cls(

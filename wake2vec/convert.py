@@ -221,7 +221,8 @@ def _flax_layer_shapes(cfg: ModelConfig) -> dict[LayerPath, tuple[int, ...]]:
         ("post_attention_layernorm", "scale"): (d,),
     }
     if cfg.qkv_bias:
-        shapes.update({("self_attn", name, "bias"): (n,) for name, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))})
+        sizes = (("q_proj", q), ("k_proj", kv), ("v_proj", kv))
+        shapes.update({("self_attn", name, "bias"): (n,) for name, n in sizes})
     if cfg.gemma_norms:
         shapes.update({(name, "scale"): (d,) for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm")})
     return shapes
@@ -238,7 +239,8 @@ def _layer_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[LayerPath, ...], b
         *module, leaf = path
         tensors[".".join(module) + (".bias" if leaf == "bias" else ".weight")] = ((path,), leaf == "kernel")
     if cfg.fused_projections:
-        for fused, parts in (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp.gate_up_proj", ("gate_proj", "up_proj"))):
+        fusions = (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp.gate_up_proj", ("gate_proj", "up_proj")))
+        for fused, parts in fusions:
             module = fused.split(".")[0]
             for part in parts:
                 del tensors[f"{module}.{part}.weight"]
