@@ -167,3 +167,32 @@ def test_longrope_decoding_across_the_switch_is_refused():
     cfg = ModelConfig.from_hf_dict(hf_family("phi3").config.to_dict())
     with pytest.raises(UnsupportedConfigError, match="longrope"):  # refused before any weight is read
         generate.generate(cfg, None, [[1] * 250], 10)
+
+
+def test_a_listed_eos_id_stops_decoding_as_in_transformers(tmp_path):
+    """Llama 3's list-valued eos_token_id: a row stops at whichever listed id comes first."""
+    hf = hf_family("llama3_tied")
+    hf.save_pretrained(tmp_path)
+    cfg, params = convert.load_hf(str(tmp_path))
+    assert cfg.eos_ids == (2, 5, 7)
+    prompt = _ids(cfg, 7, seed=3)
+    free, _ = hf_greedy(hf, prompt, 24)
+    stop = int(free[0, 7 + 5])  # make the 6th new token an end of sequence
+    unused = next(i for i in range(cfg.vocab_size) if i not in free[0])
+    eos = (unused, stop)
+    expected = hf.generate(torch.as_tensor(prompt), do_sample=False, max_new_tokens=24, eos_token_id=list(eos),
+                           pad_token_id=unused).numpy()
+    ours = np.asarray(generate.generate(cfg, params, prompt, 24, eos_id=eos))
+    first = 7 + int(np.flatnonzero(np.isin(free[0, 7:], eos))[0])
+    assert expected.shape == (1, first + 1)  # transformers stops the batch there
+    np.testing.assert_array_equal(ours[:, : first + 1], expected)
+    assert np.all(ours[:, first + 1:] == unused)  # then the row holds the first listed id
+
+
+def test_phi3_su_rope_is_read_as_longrope():
+    config = hf_family("phi3").config.to_dict()
+    rope = config.pop("rope_parameters")
+    old = ModelConfig.from_hf_dict({**config, "rope_scaling": {
+        "type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}})
+    assert old == ModelConfig.from_hf_dict({**config, "rope_parameters": rope})
+    assert old.rope_scaling.rope_type == "longrope"
