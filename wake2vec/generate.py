@@ -268,8 +268,9 @@ def generate(
     """Continues equal-length prompts (B, T) by `max_new_tokens`; returns (B, T + max_new_tokens) int32.
 
     temperature 0 decodes greedily; otherwise tokens are drawn after the repetition penalty,
-    temperature, top-k (0: off) and top-p (1: off), in transformers' order. With `eos_id`, a
-    row that emits it is padded with it to the end. The same arguments and seed always give
+    temperature, top-k (0: off) and top-p (1: off), in transformers' order. With `eos_id`
+    (one id, or several as Llama 3 lists them), a row that emits one is padded with the
+    first to the end. The same arguments and seed always give
     the same tokens. `compute_dtype` is the matmul and KV-cache dtype (see wake2vec.model).
     Raises ValueError, naming the fix, for an empty or over-long prompt or a bad setting.
     """
