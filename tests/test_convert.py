@@ -104,13 +104,19 @@ def _edit_config(directory, **changes):
 @pytest.mark.parametrize(
     "changes,field",
     [
-        ({"model_type": "mistral"}, "model_type"),
+        ({"model_type": "falcon"}, "model_type"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"sliding_window": 4096}, "sliding_window"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}, "rope_type"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type"),
+        # Other families' configs (the Llama weights are never reached: the config is refused first).
+        ({"model_type": "mistral", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type"),
+        ({"model_type": "qwen2", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
+        ({"model_type": "phi3", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"model_type": "gemma2", "hidden_act": "silu", "hidden_activation": "silu"}, "hidden_act"),
+        ({"model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh", "layer_types": ["chunked_attention"] * 2,
+          "sliding_window": 8}, "layer_types"),
     ],
 )
 def test_unsupported_features_are_refused_by_field(tmp_path, changes, field):

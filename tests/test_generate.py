@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.hf_oracle import hf_llama, save_checkpoint, torch, transformers
+from tests.hf_oracle import hf_greedy, hf_llama, save_checkpoint, torch, transformers
 from wake2vec import convert, generate, model, vocab
 from wake2vec.demo.tokenizer import train_demo_tokenizer
 from experiments import generate as generate_cli
@@ -34,18 +34,6 @@ NEW_TOKENS = 24
 TIE_MARGIN = 1e-5
 
 
-def _hf_greedy(hf, ids, new_tokens, repetition_penalty=1.0):
-    """transformers' greedy tokens and the smallest top-2 gap among the logits it chose from."""
-    out = hf.generate(
-        torch.as_tensor(ids), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        eos_token_id=None, pad_token_id=0, repetition_penalty=repetition_penalty,
-        output_scores=True, return_dict_in_generate=True,
-    )
-    scores = torch.stack(out.scores, dim=1).numpy()
-    top2 = np.sort(scores, axis=-1)[..., -2:]
-    return out.sequences.numpy(), float((top2[..., 1] - top2[..., 0]).min())
-
-
 @pytest.mark.parametrize(
     "kv_heads,tied,penalty", [(1, False, 1.0), (2, True, 1.0), (4, False, 1.0), (2, False, 1.3)]
 )
@@ -53,7 +41,7 @@ def test_greedy_matches_transformers(tmp_path, kv_heads, tied, penalty):
     hf = hf_llama(num_key_value_heads=kv_heads, tie_word_embeddings=tied)
     cfg, params = convert.load_hf(str(save_checkpoint(hf, tmp_path)))
     ids = np.random.default_rng(kv_heads).integers(0, cfg.vocab_size, size=(2, PROMPT_LEN))
-    expected, margin = _hf_greedy(hf, ids, NEW_TOKENS, repetition_penalty=penalty)
+    expected, margin = hf_greedy(hf, ids, NEW_TOKENS, repetition_penalty=penalty)
     assert margin > TIE_MARGIN, "random model too close to a tie for an exact comparison; change its seed"
     ours = np.asarray(
         generate.generate(cfg, params, ids, NEW_TOKENS, repetition_penalty=penalty, eos_id=None)

@@ -156,8 +156,10 @@ def test_augment_tokenizer_that_adds_nothing_is_an_error(tmp_path):
 
 def test_check_tokenizer_matches_model():
     vocab.check_tokenizer_matches_model(32000, 32000, tokenizer_source="a", model_source="b")
-    with pytest.raises(vocab.VocabError, match=r"tok/dir has 32000 tokens .* model/dir has 32064 embedding rows"):
-        vocab.check_tokenizer_matches_model(32000, 32064, tokenizer_source="tok/dir", model_source="model/dir")
+    # A padded matrix (Phi-3.5: 32,064 rows) is cut to the tokenizer; only a larger tokenizer is refused.
+    vocab.check_tokenizer_matches_model(32011, 32064, tokenizer_source="a", model_source="b")
+    with pytest.raises(vocab.VocabError, match=r"tok/dir has 32065 tokens .* model/dir has only 32064 embedding rows"):
+        vocab.check_tokenizer_matches_model(32065, 32064, tokenizer_source="tok/dir", model_source="model/dir")
 
 
 def test_save_tokenizer_round_trip(tmp_path):

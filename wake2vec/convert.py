@@ -1,4 +1,4 @@
-"""HF Llama checkpoints <-> wake2vec parameters, without building a torch model.
+"""HF checkpoints (Llama, Mistral, Qwen2, Phi-3, Gemma 2) <-> wake2vec parameters, without torch.
 
 `load_hf` reads config.json and the weights (safetensors, single or sharded with an index,
 or pytorch_model.bin through `torch.load(weights_only=True)`), checks every tensor's name
@@ -9,6 +9,10 @@ the largest single tensor, not two copies of the model.
 
 `save_hf` is the inverse: it streams the tensors back in HF's names and (out, in) layout
 into model.safetensors, beside a config.json that transformers loads unchanged.
+
+Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`; the Flax model
+keeps them apart (one attention for every family), so a fused tensor fills several Flax
+slots, split by rows in order, and is concatenated back on save.
 
 safetensors files are read and written by the small codec below rather than through the
 `safetensors` package because it gives bf16/fp16 support through ml_dtypes without torch,
@@ -48,18 +52,6 @@ _ST_DTYPES = {
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
-# Per-layer HF tensor name -> (path in the stacked Flax tree, is a (out, in) matrix to transpose).
-_LAYER_TENSORS = {
-    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), True),
-    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), True),
-    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), True),
-    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), True),
-    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True),
-    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True),
-    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True),
-    "input_layernorm.weight": (("input_layernorm", "scale"), False),
-    "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), False),
-}
 # Buffers some older exports carry; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -185,7 +177,7 @@ def source_hash(ckpt_dir: pathlib.Path) -> str:
 def read_config(ckpt_dir: pathlib.Path) -> ModelConfig:
     config_path = ckpt_dir / "config.json"
     if not config_path.is_file():
-        raise CheckpointFormatError(f"{ckpt_dir}: config.json is missing; a HF Llama checkpoint directory needs one")
+        raise CheckpointFormatError(f"{ckpt_dir}: config.json is missing; a HF checkpoint directory needs one")
     try:
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
@@ -216,19 +208,59 @@ def _iter_tensors(files: list[pathlib.Path], names: frozenset[str] | None = None
 # --------------------------------------------------------------------------- load / save
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.dim_per_head
-    per_layer = {
-        "self_attn.q_proj.weight": (cfg.num_attention_heads * hd, d),
-        "self_attn.k_proj.weight": (cfg.num_key_value_heads * hd, d),
-        "self_attn.v_proj.weight": (cfg.num_key_value_heads * hd, d),
-        "self_attn.o_proj.weight": (d, cfg.num_attention_heads * hd),
-        "mlp.gate_proj.weight": (f, d),
-        "mlp.up_proj.weight": (f, d),
-        "mlp.down_proj.weight": (d, f),
-        "input_layernorm.weight": (d,),
-        "post_attention_layernorm.weight": (d,),
+LayerPath = tuple[str, ...]
+
+
+def _flax_layer_shapes(cfg: ModelConfig) -> dict[LayerPath, tuple[int, ...]]:
+    """Each per-layer Flax leaf (without the layer axis) the config's family has."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.dim_per_head, cfg.num_key_value_heads * cfg.dim_per_head
+    shapes: dict[LayerPath, tuple[int, ...]] = {
+        ("self_attn", "q_proj", "kernel"): (d, q),
+        ("self_attn", "k_proj", "kernel"): (d, kv),
+        ("self_attn", "v_proj", "kernel"): (d, kv),
+        ("self_attn", "o_proj", "kernel"): (q, d),
+        ("mlp", "gate_proj", "kernel"): (d, f),
+        ("mlp", "up_proj", "kernel"): (d, f),
+        ("mlp", "down_proj", "kernel"): (f, d),
+        ("input_layernorm", "scale"): (d,),
+        ("post_attention_layernorm", "scale"): (d,),
     }
+    if cfg.qkv_bias:
+        sizes = (("q_proj", q), ("k_proj", kv), ("v_proj", kv))
+        shapes.update({("self_attn", name, "bias"): (n,) for name, n in sizes})
+    if cfg.gemma_norms:
+        shapes.update({(name, "scale"): (d,) for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm")})
+    return shapes
+
+
+def _layer_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[LayerPath, ...], bool]]:
+    """Per-layer HF tensor suffix -> (the Flax leaves it fills, in row order; transpose?).
+
+    A kernel is HF's (out, in) weight transposed; a fused HF tensor's rows are its leaves'
+    outputs one after another.
+    """
+    tensors = {}
+    for path in _flax_layer_shapes(cfg):
+        *module, leaf = path
+        tensors[".".join(module) + (".bias" if leaf == "bias" else ".weight")] = ((path,), leaf == "kernel")
+    if cfg.fused_projections:
+        fusions = (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp.gate_up_proj", ("gate_proj", "up_proj")))
+        for fused, parts in fusions:
+            module = fused.split(".")[0]
+            for part in parts:
+                del tensors[f"{module}.{part}.weight"]
+            tensors[f"{fused}.weight"] = (tuple((module, part, "kernel") for part in parts), True)
+    return tensors
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    flax_shapes = _flax_layer_shapes(cfg)
+    per_layer = {}
+    for suffix, (paths, transpose) in _layer_tensors(cfg).items():
+        rows = sum(flax_shapes[path][-1] for path in paths)
+        per_layer[suffix] = (rows, flax_shapes[paths[0]][0]) if transpose else (rows,)
+    d = cfg.hidden_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
@@ -241,10 +273,7 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _empty_params(cfg: ModelConfig, dtype: np.dtype) -> Params:
     """Preallocated host arrays in the Flax layout; the table and head are always fp32."""
     layers: Params = {}
-    per_layer = _expected_shapes(cfg.replace(num_hidden_layers=1))
-    for suffix, (path, transpose) in _LAYER_TENSORS.items():
-        shape = per_layer[f"model.layers.0.{suffix}"]
-        shape = shape[::-1] if transpose else shape
+    for path, shape in _flax_layer_shapes(cfg).items():
         node = layers
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -259,25 +288,28 @@ def _empty_params(cfg: ModelConfig, dtype: np.dtype) -> Params:
     return params
 
 
-def _slot(params: Params, name: str) -> tuple[np.ndarray, Any, bool]:
-    """(destination array, index into it, transpose?) for a HF tensor name."""
+def _leaf(tree: Params, path: LayerPath) -> np.ndarray:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _slots(cfg: ModelConfig, params: Params, name: str) -> tuple[list[tuple[np.ndarray, Any]], bool]:
+    """([(destination array, index into it)] in row order, transpose?) for a HF tensor name."""
     if name == "model.embed_tokens.weight":
-        return params["embedding"], Ellipsis, False
+        return [(params["embedding"], Ellipsis)], False
     if name == "model.norm.weight":
-        return params["norm"]["scale"], Ellipsis, False
+        return [(params["norm"]["scale"], Ellipsis)], False
     if name == "lm_head.weight":
-        return params["lm_head"]["kernel"], Ellipsis, True
+        return [(params["lm_head"]["kernel"], Ellipsis)], True
     parts = name.split(".")  # model.layers.{i}.{suffix}
     layer, suffix = int(parts[2]), ".".join(parts[3:])
-    path, transpose = _LAYER_TENSORS[suffix]
-    node = params["layers"]
-    for key in path:
-        node = node[key]
-    return node, layer, transpose
+    paths, transpose = _layer_tensors(cfg)[suffix]
+    return [(_leaf(params["layers"], path), layer) for path in paths], transpose
 
 
 def load_hf(path_or_hub_id: str, dtype=jnp.float32, *, as_numpy: bool = False) -> tuple[ModelConfig, Params]:
-    """Reads a HF Llama checkpoint into (ModelConfig, params).
+    """Reads a HF checkpoint of a supported family into (ModelConfig, params).
 
     `dtype` is the storage dtype of the transformer body; the embedding table and an
     untied head stay float32 because they are what Phase 1 trains. `as_numpy=True` keeps
@@ -296,16 +328,18 @@ def load_hf(path_or_hub_id: str, dtype=jnp.float32, *, as_numpy: bool = False) -
             continue  # a tied export may carry a copy of the table; the table is authoritative
         if name not in expected:
             raise CheckpointFormatError(
-                f"{path}: unexpected tensor {name!r}; wake2vec's Llama has no such weight "
-                "(biases and other architectures are not supported)"
+                f"{path}: unexpected tensor {name!r}; wake2vec's {cfg.model_type} has no such weight "
+                "(a bias or module this family does not have in transformers either)"
             )
         if tuple(arr.shape) != expected[name]:
             raise CheckpointFormatError(
                 f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, but config.json implies "
                 f"{expected[name]}; the config and the weights disagree"
             )
-        dest, index, transpose = _slot(params, name)
-        dest[index] = arr.T if transpose else arr
+        slots, transpose = _slots(cfg, params, name)
+        pieces = np.split(arr, np.cumsum([dest.shape[-1] for dest, _ in slots])[:-1], axis=0)
+        for (dest, index), piece in zip(slots, pieces):
+            dest[index] = piece.T if transpose else piece
         seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -314,6 +348,24 @@ def load_hf(path_or_hub_id: str, dtype=jnp.float32, *, as_numpy: bool = False) -
     if not as_numpy:
         params = to_device(params)
     return cfg, params
+
+
+def drop_padding_rows(params: Params, tokenizer_size: int) -> Params:
+    """The params with the table (and an untied head) cut to the tokenizer's rows.
+
+    Qwen2.5 and Phi-3.5 ship matrices with more rows than their tokenizers have tokens
+    (Qwen2.5-14B: 152,064 rows, 151,665 tokens). New tokens take ids from len(tokenizer)
+    on, as transformers' add_tokens assigns them; without this cut the first ones (399 of
+    the Wake's, in the study) would land on padding rows that no initialiser wrote and no
+    statistic saw. After it, every new id gets a fresh row however the base was padded,
+    and the grown table has exactly the shape and base rows of transformers'
+    `resize_token_embeddings(len(tokenizer))`. Rows past the tokenizer are never produced
+    by it, so nothing a user can type is lost.
+    """
+    out = dict(params, embedding=params["embedding"][:tokenizer_size])
+    if "lm_head" in params:
+        out["lm_head"] = {"kernel": params["lm_head"]["kernel"][:, :tokenizer_size]}
+    return out
 
 
 def to_device(host: Params, shardings=None) -> Params:
@@ -344,11 +396,10 @@ def hf_state_dict(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     host.update(padding.unpad({k: host[k] for k in ("embedding", "lm_head") if k in host}, cfg.vocab_size))
     tensors = {"model.embed_tokens.weight": host["embedding"]}
     for i in range(cfg.num_hidden_layers):
-        for suffix, (path, transpose) in _LAYER_TENSORS.items():
-            node = host["layers"]
-            for key in path:
-                node = node[key]
-            tensors[f"model.layers.{i}.{suffix}"] = node[i].T if transpose else node[i]
+        for suffix, (paths, transpose) in _layer_tensors(cfg).items():
+            pieces = [_leaf(host["layers"], path)[i] for path in paths]
+            pieces = [p.T if transpose else p for p in pieces]
+            tensors[f"model.layers.{i}.{suffix}"] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
     tensors["model.norm.weight"] = host["norm"]["scale"]
     if not cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = host["lm_head"]["kernel"].T

@@ -27,7 +27,8 @@ sampling, top-p on or off) are static, mirroring transformers, which only builds
 processors a call asks for. Temperature, top-p, the penalty and the eos id are traced, so
 sweeping temperatures (as experiments/generate.py does) compiles the sampler once.
 
-End of sequence: once a row emits `eos_id`, every later position of that row is `eos_id`
+End of sequence: once a row emits `eos_id` (or any of several ids: Llama 3 lists its
+end-of-turn tokens), every later position of that row is the (first) `eos_id`
 (transformers writes its pad token there instead; writing eos keeps "everything after the
 first eos" trivially strippable with `skip_special_tokens`). When every row has finished
 the loop stops early, so an eos-terminated batch costs only the steps it used.
@@ -56,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wake2vec import model
-from wake2vec.config import ModelConfig
+from wake2vec.config import ModelConfig, UnsupportedConfigError
 from wake2vec.errors import UserError
 
 # The eos id the jitted loop sees when the caller wants no stopping: no token equals it.
@@ -151,7 +152,7 @@ def _decode(
     prompt_ids: jax.Array,
     key: jax.Array,
     sampler: SamplerValues,
-    eos_id: jax.Array,
+    eos_ids: jax.Array,
     *,
     cfg: ModelConfig,
     max_new_tokens: int,
@@ -165,7 +166,7 @@ def _decode(
     total = prompt_len + max_new_tokens
     rows = jnp.arange(batch)
     # After eos a row keeps writing eos; without an eos id nothing ever reads this fill.
-    fill = jnp.where(eos_id == _NO_EOS, 0, eos_id).astype(jnp.int32)
+    fill = jnp.where(eos_ids[0] == _NO_EOS, 0, eos_ids[0]).astype(jnp.int32)
 
     def emit(logits: jax.Array, state: _LoopState) -> _LoopState:
         token = next_token(
@@ -177,7 +178,7 @@ def _decode(
             tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.position)),
             cache=state.cache,
             seen=state.seen.at[rows, token].set(True),
-            done=state.done | (token == eos_id),
+            done=state.done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1),
             position=state.position + 1,
         )
 
@@ -245,6 +246,18 @@ def _validated_prompt(cfg: ModelConfig, prompt_ids: Any, max_new_tokens: int) ->
             f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or lower "
             f"max_new_tokens to at most {room}"
         )
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling.rope_type == "longrope":
+        # Longrope changes every frequency once a pass reaches past the original context;
+        # transformers then recomputes the whole cache. A cache that crosses the switch is
+        # not implemented: the keys already cached would be rotated by the wrong factors.
+        switch, last_fed = scaling.original_max_position_embeddings, prompt.shape[1] + max_new_tokens - 1
+        if prompt.shape[1] <= switch < last_fed:
+            raise UnsupportedConfigError(
+                f"longrope (rope_scaling of this Phi-3 checkpoint) switches to its long factors past position "
+                f"{switch}; decoding across it is not implemented: keep prompt + max_new_tokens <= {switch + 1}, "
+                f"or give a prompt longer than {switch} tokens"
+            )
     return prompt.astype(np.int32)
 
 
@@ -269,7 +282,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int = 0,
     key: jax.Array | None = None,
     compute_dtype: Any = jnp.float32,
@@ -277,15 +290,17 @@ def generate(
     """Continues equal-length prompts (B, T) by `max_new_tokens`; returns (B, T + max_new_tokens) int32.
 
     temperature 0 decodes greedily; otherwise tokens are drawn after the repetition penalty,
-    temperature, top-k (0: off) and top-p (1: off), in transformers' order. With `eos_id`, a
-    row that emits it is padded with it to the end. The same arguments and seed (or `key`,
-    which replaces PRNGKey(seed)) always give the same tokens. `compute_dtype` is the matmul
-    and KV-cache dtype (see wake2vec.model).
+    temperature, top-k (0: off) and top-p (1: off), in transformers' order. With `eos_id`
+    (one id, or several as Llama 3 lists them), a row that emits one is padded with the
+    first to the end. The same arguments and seed (or `key`, which replaces PRNGKey(seed))
+    always give the same tokens. `compute_dtype` is the matmul and KV-cache dtype (see
+    wake2vec.model).
     Raises ValueError, naming the fix, for an empty or over-long prompt or a bad setting.
     """
     prompt = _validated_prompt(cfg, prompt_ids, max_new_tokens)
     _validate_sampler(temperature, top_k, top_p, repetition_penalty)
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+    eos_ids = [] if eos_id is None else [int(e) for e in np.atleast_1d(eos_id)]
+    if not all(0 <= e < cfg.vocab_size for e in eos_ids):
         raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {cfg.vocab_size}); pass None to never stop")
     greedy = temperature == 0
     sampler = SamplerValues(
@@ -298,7 +313,7 @@ def generate(
         jnp.asarray(prompt),
         jax.random.PRNGKey(seed) if key is None else key,
         sampler,
-        jnp.int32(_NO_EOS if eos_id is None else eos_id),
+        jnp.asarray(eos_ids or [_NO_EOS], jnp.int32),
         cfg=cfg,
         max_new_tokens=int(max_new_tokens),
         greedy=greedy,
@@ -519,7 +534,7 @@ def write_generations(
                     compute_dtype=compute_dtype,
                 )
             )[0]
-            stops = np.flatnonzero(tokens[len(prompt_ids):] == eos_id) if eos_id is not None else []
+            stops = np.flatnonzero(np.isin(tokens[len(prompt_ids):], eos_id)) if eos_id is not None else []
             emitted = int(stops[0] + 1 if len(stops) else settings.max_new_tokens)
             greedy = temperature == 0
             generated = [int(t) for t in tokens[len(prompt_ids): len(prompt_ids) + (int(stops[0]) if len(stops) else emitted)]]

@@ -285,7 +285,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     corpus_stats = data.CorpusStats(len(ids), len(train_blocks), len(val_blocks), cfg.seq_len)
     tokenizer_sha256 = _save_tokenizer(tokenizer, workdir)
 
-    params = convert.load_vocab_rows(model_dir)
+    params = convert.drop_padding_rows(convert.load_vocab_rows(model_dir), vocab_stats.base_size)
     # Read (and so checked) before config.json is written; preparing alone needs only the rows.
     frozen = read_frozen_body(model_dir, cfg.frozen_dtype) if cfg.max_steps else None
     piece_ids = None

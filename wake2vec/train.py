@@ -59,14 +59,17 @@ def _chunked(hidden, targets, weights, chunk):
     )
 
 
-def _masked_logits(h, head, vocab_size, compute_dtype):
-    """(chunk, rows) float32 logits with the padding rows of the vocabulary at -inf."""
+def _masked_logits(h, head, vocab_size, compute_dtype, softcap):
+    """(chunk, rows) float32 logits, soft-capped (Gemma 2), the padding rows of the vocabulary at -inf."""
     logits = jnp.dot(h.astype(compute_dtype), head.astype(compute_dtype).T, preferred_element_type=jnp.float32)
+    logits = model.soft_cap(logits, softcap)
     return jnp.where(jnp.arange(head.shape[0]) < vocab_size, logits, -jnp.inf)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def chunked_cross_entropy(hidden, head, targets, weights, vocab_size: int, chunk: int, compute_dtype=jnp.float32):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def chunked_cross_entropy(
+    hidden, head, targets, weights, vocab_size: int, chunk: int, compute_dtype=jnp.float32, softcap: float | None = None
+):
     """Sum over tokens of weights * -log softmax(hidden @ head^T)[target].
 
     hidden (N, D) float32, head (rows, D) with rows >= vocab_size (padding rows get no
@@ -77,13 +80,13 @@ def chunked_cross_entropy(hidden, head, targets, weights, vocab_size: int, chunk
     never do. Under differentiation the forward pass also forms both gradients from the
     same block (softmax - one-hot, times the head / the hidden states), so the backward pass
     only scales them: no logits are stored and none are recomputed. Evaluation, which does
-    not differentiate, computes the loss alone.
+    not differentiate, computes the loss alone. `softcap` is Gemma 2's final-logit cap.
     """
     h_chunks, t_chunks, w_chunks = _chunked(hidden, targets, weights, chunk)
 
     def body(total, xs):
         h, t, w = xs
-        logits = _masked_logits(h, head, vocab_size, compute_dtype)
+        logits = _masked_logits(h, head, vocab_size, compute_dtype, softcap)
         target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
         return total + jnp.sum(w * losses.reshape(losses.shape + (1,) * (w.ndim - 1)), axis=0), None
@@ -91,7 +94,7 @@ def chunked_cross_entropy(hidden, head, targets, weights, vocab_size: int, chunk
     return jax.lax.scan(body, jnp.zeros(weights.shape[1:], jnp.float32), (h_chunks, t_chunks, w_chunks))[0]
 
 
-def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk, compute_dtype):
+def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk, compute_dtype, softcap):
     if weights.ndim != 1:
         raise ValueError(f"chunked_cross_entropy is differentiated with one weight per token, got weights {weights.shape}")
     h_chunks, t_chunks, w_chunks = _chunked(hidden, targets, weights, chunk)
@@ -100,12 +103,16 @@ def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk,
     def body(carry, xs):
         total, head_grad = carry
         h, t, w = xs
-        logits = _masked_logits(h, head, vocab_size, compute_dtype)
+        logits = _masked_logits(h, head, vocab_size, compute_dtype, softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         # d loss / d logits = w * (softmax - one_hot(target))
         logit_grad = jnp.exp(logits - lse[:, None]) * w[:, None]
-        logit_grad = logit_grad.at[jnp.arange(t.shape[0]), t].add(-w).astype(compute_dtype)
+        logit_grad = logit_grad.at[jnp.arange(t.shape[0]), t].add(-w)
+        if softcap is not None:
+            # Through cap * tanh(z / cap): d/dz = 1 - tanh^2. Padding rows (-inf) have zero gradient already.
+            logit_grad = logit_grad * (1 - jnp.square(jnp.where(jnp.isfinite(logits), logits, 0.0) / softcap))
+        logit_grad = logit_grad.astype(compute_dtype)
         hidden_grad = jnp.dot(logit_grad, head_c, preferred_element_type=jnp.float32)
         head_grad = head_grad + jnp.dot(logit_grad.T, h.astype(compute_dtype), preferred_element_type=jnp.float32)
         return (total + jnp.sum(w * (lse - target_logit)), head_grad), hidden_grad
@@ -116,8 +123,8 @@ def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk,
     return total, (hidden_grad, head_grad.astype(head.dtype))
 
 
-def _cross_entropy_backward(vocab_size, chunk, compute_dtype, residuals, cotangent):
-    del vocab_size, chunk, compute_dtype
+def _cross_entropy_backward(vocab_size, chunk, compute_dtype, softcap, residuals, cotangent):
+    del vocab_size, chunk, compute_dtype, softcap
     hidden_grad, head_grad = residuals
     # Targets are integers and weights are data: neither is differentiated.
     return cotangent * hidden_grad, cotangent * head_grad, None, None
@@ -143,6 +150,7 @@ def weighted_loss_sum(trainable: dict, frozen: dict, ids: jax.Array, weights: ja
         cfg.vocab_size,
         settings.loss_chunk,
         settings.compute_dtype,
+        cfg.final_logit_softcapping,
     )
 
 

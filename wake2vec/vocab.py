@@ -245,16 +245,17 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, workdir: str | os.PathLik
 def check_tokenizer_matches_model(
     tokenizer_size: int, embedding_rows: int, *, tokenizer_source: str, model_source: str
 ) -> None:
-    """Refuses a base tokenizer whose size is not the model's number of embedding rows.
+    """Refuses a base tokenizer with more tokens than the model has embedding rows.
 
     New tokens get ids from len(tokenizer) on and their rows are appended after the
-    model's; if the two counts differ, new ids would index the wrong rows (or rows the
-    model pads its table with) and training would silently teach the wrong vectors.
+    tokenizer's (a padded matrix, as Qwen2.5's, is cut to the tokenizer first:
+    convert.drop_padding_rows); a tokenizer larger than the matrix belongs to another
+    model, and its ids would index rows that do not exist.
     """
-    if tokenizer_size != embedding_rows:
+    if tokenizer_size > embedding_rows:
         raise VocabError(
             f"the tokenizer from {tokenizer_source} has {tokenizer_size} tokens but the model from "
-            f"{model_source} has {embedding_rows} embedding rows; they must be equal. Use the tokenizer "
+            f"{model_source} has only {embedding_rows} embedding rows. Use the tokenizer "
             "that ships with this model (leave --tokenizer empty to take the one beside it)"
         )
 
