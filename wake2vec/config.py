@@ -253,6 +253,12 @@ class TrainConfig:
     mesh: str = ""
     # Call jax.distributed.initialize() (multi-host GPU / TPU pod).
     distributed: bool = False
+    # With --distributed: the coordinator (process 0) as host:port; empty lets JAX detect the cluster.
+    coordinator_address: str = ""
+    # With --coordinator_address: how many processes the run has.
+    num_processes: int = 0
+    # With --coordinator_address: this process's index, 0 to num_processes - 1; process 0 writes the workdir.
+    process_id: int = -1
     # Storage dtype of the frozen transformer weights: float32 | bfloat16 | float16.
     frozen_dtype: str = "float32"
     # Matmul compute dtype; norms, softmax and the loss always accumulate in float32.

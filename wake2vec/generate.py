@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec import model
+from wake2vec import hosts, model
 from wake2vec.config import ModelConfig
 
 # The eos id the jitted loop sees when the caller wants no stopping: no token equals it.
@@ -379,7 +379,7 @@ def write_generations(
     continuations = []
     for temperature in settings.temperatures:
         started = time.perf_counter()
-        tokens = np.asarray(
+        tokens = hosts.host_array(
             generate(
                 cfg, params, [prompt_ids], settings.max_new_tokens,
                 temperature=temperature, top_k=settings.top_k, top_p=settings.top_p,
@@ -404,6 +404,7 @@ def write_generations(
         "compute dtype": jnp.dtype(compute_dtype).name,
     }
     out = pathlib.Path(workdir) / GENERATIONS_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_generations(settings.prompt, header, continuations), encoding="utf-8")
+    if hosts.is_writer():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_generations(settings.prompt, header, continuations), encoding="utf-8")
     return out

@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from wake2vec import checkpoint, convert, data, optim, parallel, prepare, train, workdir as records
+from wake2vec import checkpoint, convert, data, hosts, optim, parallel, prepare, train, workdir as records
 from wake2vec.config import TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 
@@ -104,18 +104,26 @@ def _duration(seconds: float) -> str:
 @contextlib.contextmanager
 def exclusive_workdir(workdir: pathlib.Path):
     """Holds workdir/.lock for the run: a second run on the same workdir would otherwise
-    clear the first one's unfinished checkpoint saves and interleave its metrics."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise RuntimeError(f"{workdir} is in use by another wake2vec run; wait for it or choose another --workdir") from e
+    clear the first one's unfinished checkpoint saves and interleave its metrics.
+
+    Process 0 (the writer) takes the lock for every process of the run, and tells the others
+    whether it got it, so all of them stop together on a busy workdir."""
+    with contextlib.ExitStack() as held:
+        busy = None
+        if hosts.is_writer():
+            workdir.mkdir(parents=True, exist_ok=True)
+            lock = held.enter_context(open(workdir / ".lock", "w"))
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                busy = e
+        if hosts.agree(busy is not None):
+            raise RuntimeError(f"{workdir} is in use by another wake2vec run; wait for it or choose another --workdir") from busy
         yield
 
 
 def run(cfg: TrainConfig) -> RunResult:
-    parallel.maybe_initialize_distributed(cfg.distributed)
+    parallel.maybe_initialize_distributed(cfg)
     with exclusive_workdir(pathlib.Path(cfg.workdir)):
         return _run_locked(cfg)
 
@@ -130,9 +138,8 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
         return RunResult(workdir, 0, None, None)
 
     mesh = parallel.make_mesh(cfg.mesh)
-    data_size = mesh.shape[parallel.DATA]
-    if cfg.batch_size % data_size:
-        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of the mesh's data axis ({data_size})")
+    if cfg.batch_size % mesh.devices.size:
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of the device count ({mesh.devices.size}): the batch is split over every device")
     rows = record.get("padded_vocab") or parallel.padded_vocab(prepared.model_cfg.vocab_size, mesh)
     if rows % (128 * mesh.shape[parallel.MODEL]):
         raise ValueError(f"this run's table has {rows} rows, which do not split over a model axis of {mesh.shape[parallel.MODEL]}; resume with the original --mesh")
@@ -146,18 +153,14 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     settings = train.StepSettings(prepared.model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk)
 
     # Host copies are consumed leaf by leaf as they move (TinyLlama's body: 4.4 GB in fp32).
-    frozen_sharding = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), prepared.frozen)
+    frozen_sharding = parallel.frozen_sharding(prepared.frozen, mesh)
     frozen = convert.to_device(prepared.frozen, frozen_sharding)
     trainable_host = _pad_rows(prepared.trainable, rows)
     trainable = convert.to_device(trainable_host, parallel.vocab_sharded_like(trainable_host, mesh, rows))
     prepared.frozen = prepared.trainable = None
 
     abstract = jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen)
-    state_sharding = train.TrainState(
-        step=parallel.replicated(mesh),
-        trainable=parallel.vocab_sharded_like(abstract.trainable, mesh, rows),
-        opt_state=parallel.vocab_sharded_like(abstract.opt_state, mesh, rows),
-    )
+    state_sharding = parallel.state_sharding(abstract, mesh, rows)
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep, abstract_state=abstract)
@@ -171,17 +174,15 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     else:
         start = int(state.step)
         logging.info("resuming from the committed checkpoint at step %d", start)
-        records.truncate_metrics(workdir, start)
+    # Also at step 0: a run killed before its first commit left events that will be re-logged.
+    records.truncate_metrics(workdir, start)
+    hosts.barrier("metrics truncated")  # every process reads metrics.jsonl as the writer left it
     del trainable
 
     batch_sharding = parallel.batch_sharding(mesh, 3, 1)
-    step_fn = jax.jit(
-        train.make_train_step(tx, schedule, settings),
-        in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-        out_shardings=(state_sharding, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    eval_fn = jax.jit(train.make_eval_step(settings))
+    step_fn = parallel.under_mesh(parallel.jit_train_step(train.make_train_step(tx, schedule, settings), mesh,
+                                                          state_sharding, frozen_sharding), mesh)
+    eval_fn = parallel.under_mesh(jax.jit(train.make_eval_step(settings)), mesh)
     eval_ids_sharding, eval_weights_sharding = parallel.batch_sharding(mesh, 2, 0), parallel.batch_sharding(mesh, 1, 0)
 
     def evaluate(trainable_now) -> float:
@@ -226,9 +227,7 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
             if save_now:
                 ckpt.save(state, val_loss=val_loss)
             if cfg.snapshot_every and done % cfg.snapshot_every == 0:
-                snapshots = workdir / "snapshots"
-                snapshots.mkdir(exist_ok=True)
-                records.atomic_save_npy(snapshots / f"embeddings_step_{done}.npy", _trained_table(state, prepared))
+                records.atomic_save_npy(workdir / "snapshots" / f"embeddings_step_{done}.npy", _trained_table(state, prepared))
     finally:
         ckpt.wait()
         ckpt.close()
@@ -245,9 +244,10 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
 
 def _trained_table(state: train.TrainState, prepared: prepare.PreparedRun) -> np.ndarray:
     """The table on the host, padding rows cut: the (vocab, D) matrix the analysis reads."""
-    return np.asarray(jax.device_get(state.trainable["embedding"]))[: prepared.model_cfg.vocab_size]
+    return hosts.host_array(state.trainable["embedding"])[: prepared.model_cfg.vocab_size]
 
 
+@hosts.writer_only
 def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.PreparedRun) -> None:
     from wake2vec.analysis import report
 

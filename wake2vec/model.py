@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wake2vec import parallel
 from wake2vec.config import ModelConfig
 
 Params = dict[str, Any]
@@ -95,6 +96,7 @@ class Linear(nn.Module):
         kernel = self.param(
             "kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features), self.param_dtype
         )
+        kernel = parallel.gather_weights(kernel)  # the body is sharded; this layer is gathered here
         return jnp.dot(x.astype(self.compute_dtype), kernel.astype(self.compute_dtype))
 
 

@@ -19,7 +19,7 @@ import pathlib
 
 import numpy as np
 
-from wake2vec import convert, data, demo, vocab, workdir as records
+from wake2vec import convert, data, demo, hosts, vocab, workdir as records
 from wake2vec.config import DEMO_SOURCE, ModelConfig, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 from wake2vec.model import REMAT_POLICIES
@@ -120,7 +120,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
 
     corpus_path, lexicon_path, model_spec = cfg.corpus, cfg.lexicon, cfg.model
     if cfg.model == DEMO_SOURCE:
-        sources = demo.build_sources(workdir, cfg.seed)
+        sources = hosts.writer_first(demo.build_sources, workdir, cfg.seed)
         model_spec = str(sources.model_dir)
         corpus_path = corpus_path or str(sources.corpus)
         lexicon_path = lexicon_path or str(sources.lexicon)
@@ -140,6 +140,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         "lexicon_hash": file_sha256(pathlib.Path(lexicon_path)),
     }
     stored = records.read_config(workdir)
+    hosts.barrier("config read")  # before the writer rewrites it: every process compares with the same record
     history = _check_against_stored(stored, cfg, hashes) if stored else []
 
     vocab_stats = vocab.augment_tokenizer(tokenizer, words)
@@ -147,7 +148,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     blocks = data.make_blocks(ids, cfg.seq_len)
     train_blocks, val_blocks = data.split_blocks(blocks, cfg.val_fraction, cfg.split_shuffle_seed)
     corpus_stats = data.CorpusStats(len(ids), len(train_blocks), len(val_blocks), cfg.seq_len)
-    vocab.save_tokenizer(tokenizer, workdir)
+    hosts.writer_only(vocab.save_tokenizer)(tokenizer, workdir)
 
     logging.info("reading %s (frozen body as %s)", model_dir, cfg.frozen_dtype)
     _, params = convert.load_hf(str(model_dir), dtype=dtype_from_name(cfg.frozen_dtype), as_numpy=True)

@@ -8,7 +8,9 @@
   after its checkpoint (`truncate_metrics`): they are re-logged identically.
 * `loss_table.md` and `loss_curve.png`: the study's report, derived from metrics.jsonl.
 
-Every file is written to a temporary name and renamed, so a kill never leaves half a file.
+Every file is written to a temporary name and renamed, so a kill never leaves half a file,
+and by process 0 only (`hosts.writer_only`): the other processes of a multi-host run write
+nothing here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import platform
 import sys
 from typing import Any, Iterable
 
+from wake2vec import hosts
 from wake2vec.config import TrainConfig
 from wake2vec.errors import UserError
 
@@ -30,23 +33,27 @@ LOSS_TABLE = "loss_table.md"
 LOSS_CURVE = "loss_curve.png"
 
 # Flags that change what a run reports or how it is launched, not what it computes.
-NON_SEMANTIC_FLAGS = frozenset({"workdir", "analyze", "generate_at_end", "allow_config_change", "distributed"})
+NON_SEMANTIC_FLAGS = frozenset({"workdir", "analyze", "generate_at_end", "allow_config_change", "distributed",
+                                "coordinator_address", "num_processes", "process_id"})
 
 
 class ConfigMismatchError(UserError, ValueError):
     """A rerun on an existing workdir asks for different settings."""
 
 
+@hosts.writer_only
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
+@hosts.writer_only
 def atomic_save_npy(path: pathlib.Path, array) -> None:
     """np.save to a per-process temporary name, then rename: readers never see half a file."""
     import numpy as np
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
@@ -109,6 +116,7 @@ def command_line() -> str:
 # ---------------------------------------------------------------------------- metrics
 
 
+@hosts.writer_only
 def append_metrics(workdir: pathlib.Path, event: dict) -> None:
     with open(workdir / METRICS, "a", encoding="utf-8") as f:
         f.write(json.dumps(event, allow_nan=False) + "\n")
@@ -154,6 +162,7 @@ def write_loss_table(workdir: pathlib.Path, events: Iterable[dict]) -> None:
     atomic_write_text(workdir / LOSS_TABLE, "\n".join(lines) + "\n")
 
 
+@hosts.writer_only
 def write_loss_curve(workdir: pathlib.Path, events: Iterable[dict]) -> None:
     import matplotlib
 
