@@ -49,7 +49,7 @@ def test_mesh_spec_errors_are_actionable():
         parallel.parse_mesh("8", 8)
     with pytest.raises(ValueError, match="needs 6 devices but 8"):
         parallel.parse_mesh("3,2", 8)
-    assert parallel.parse_mesh("", 4) == (4, 1)
+    assert parallel.parse_mesh("", 4) == (1, 4)
 
 
 def test_vocab_padding_multiple():

@@ -207,7 +207,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     # Shuffle blocks with this seed before the split; negative keeps text order (the reference).
     split_shuffle_seed: int = -1
-    # Blocks per microbatch (split over the mesh's 'data' axis).
+    # Blocks per microbatch (split over every device; a multiple of the device count).
     batch_size: int = 1
     # Microbatches accumulated per optimizer step (scanned inside the jitted step).
     grad_accum: int = 16
@@ -249,7 +249,7 @@ class TrainConfig:
     snapshot_every: int = 0
     # Seeds the new-row init and the batch order; every key is fold_in(seed, step).
     seed: int = 0
-    # Device mesh 'data,model', e.g. "8,1" or "4,2"; empty: all devices on 'data'.
+    # Device mesh 'data,model', e.g. "1,8" or "2,4": the table is split over 'model', the batch and body over all; empty: all on 'model'.
     mesh: str = ""
     # Call jax.distributed.initialize() (multi-host GPU / TPU pod).
     distributed: bool = False

@@ -61,9 +61,16 @@ def maybe_initialize_distributed(cfg) -> None:
 
 
 def parse_mesh(spec: str, num_devices: int) -> tuple[int, int]:
-    """'data,model' -> (data, model); empty puts every device on 'data'."""
+    """'data,model' -> (data, model); empty puts every device on 'model'.
+
+    With the batch and the body on every device either way, the axes differ only in the
+    table: 'model' splits it, 'data' replicates it. All on 'model' is the least memory
+    and the same per-device FLOPs; 'data' > 1 only pays where the devices of a 'model'
+    group have fast links and 'data' spans slower ones (the table's all-gathers stay in
+    the group, only its gradient crosses).
+    """
     if not spec:
-        return num_devices, 1
+        return 1, num_devices
     try:
         data, model = (int(x) for x in spec.split(","))
     except ValueError as e:
