@@ -1,5 +1,8 @@
 """Runs the Phase 1 step on several meshes of 8 forced host devices; prints the differences.
 
+The batch is split over every device and the frozen body is sharded over every device
+(gathered a layer at a time), so this also checks that those gathers change nothing.
+
 Run as a subprocess by tests/test_parallel.py, because XLA_FLAGS must be set before jax
 initialises its backends and the rest of the suite runs on one device.
 """
@@ -30,23 +33,26 @@ def run(mesh_spec: str, devices) -> tuple[list[float], np.ndarray, np.ndarray]:
     trainable, frozen = optim.split_params(params)
     tx = optim.make_optimizer(TC, 200, CFG.vocab_size)
     state = train.init_state(trainable, frozen, tx)
-    state_sharding = train.TrainState(
-        parallel.replicated(mesh),
-        parallel.vocab_sharded_like(state.trainable, mesh, rows),
-        parallel.vocab_sharded_like(state.opt_state, mesh, rows),
-    )
-    frozen_sharding = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen)
+    # The shardings and the jitted step of a real run (wake2vec.loop builds them the same way).
+    state_sharding = parallel.state_sharding(state, mesh, rows)
+    frozen_sharding = parallel.frozen_sharding(frozen, mesh)
     batch_sharding = parallel.batch_sharding(mesh, 3, 1)
     state = jax.device_put(state, state_sharding)
-    step = jax.jit(train.make_train_step(tx, optim.make_schedule(TC), train.StepSettings(CFG, loss_chunk=64)),
-                   in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-                   out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=(0,))
+    frozen = jax.device_put(frozen, frozen_sharding)
+    step = parallel.under_mesh(parallel.jit_train_step(
+        train.make_train_step(tx, optim.make_schedule(TC), train.StepSettings(CFG, loss_chunk=64)),
+        mesh, state_sharding, frozen_sharding), mesh)
     losses = []
     for seed in range(3):
         batch = np.random.default_rng(seed).integers(0, 300, (2, 8, 33)).astype(np.int32)
-        state, metrics = step(state, jax.device_put(frozen, frozen_sharding), jax.device_put(batch, batch_sharding))
+        state, metrics = step(state, frozen, jax.device_put(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
     assert state.trainable["embedding"].sharding.spec == jax.sharding.PartitionSpec("model", None)
+    if len(devices) > 1:
+        # Every stacked layer matrix is split over all the devices: no device holds the body.
+        for leaf in jax.tree_util.tree_leaves(frozen["layers"]):
+            if leaf.ndim >= 3:
+                assert leaf.addressable_shards[0].data.size * len(devices) == leaf.size, leaf.sharding
     real = padding.unpad(jax.tree_util.tree_map(np.asarray, state.trainable), CFG.vocab_size)
     return losses, real["embedding"], real["lm_head"]["kernel"]
 

@@ -46,7 +46,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from wake2vec import convert, padding
+from wake2vec import convert, hosts, padding
 from wake2vec import workdir as records
 from wake2vec.config import ModelConfig
 from wake2vec.errors import UserError
@@ -188,7 +188,7 @@ def tree_checksums(tree) -> dict[str, int]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return {}
-    values = np.asarray(_checksums([jnp.asarray(leaf) for _, leaf in flat]))
+    values = hosts.host_array(_checksums([jnp.asarray(leaf) for _, leaf in flat]))
     return {jax.tree_util.keystr(path): int(value) for (path, _), value in zip(flat, values)}
 
 
@@ -343,7 +343,7 @@ class Checkpointer:
         step = int(state.step)
         self.wait()  # a failed earlier save is reported under its own step
         committed = self.all_steps()
-        if step in committed:
+        if hosts.agree(step in committed):  # the save is collective: every process must skip it, or none
             logging.info("step %d is already checkpointed in %s", step, self.directory)
             return
         if committed and step < committed[-1]:
@@ -458,9 +458,11 @@ class Checkpointer:
     def _set_aside(self, step: int) -> None:
         """Moves an unusable step out of the manager's directory (kept for inspection)."""
         aside = self.directory.with_name(self.directory.name + "_corrupt")
-        aside.mkdir(parents=True, exist_ok=True)
         target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(self.directory / str(step), target)
+        if hosts.is_writer():
+            aside.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / str(step), target)
+        hosts.barrier(f"checkpoint {step} set aside")  # before any process lists the steps again
         self._val_losses.pop(step, None)
         logging.warning("moved the unusable checkpoint step %d to %s", step, target)
 

@@ -422,7 +422,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     # Shuffle blocks with this seed before the split; negative keeps text order (the reference).
     split_shuffle_seed: int = -1
-    # Blocks per microbatch (split over the mesh's 'data' axis).
+    # Blocks per microbatch (split over every device; a multiple of the device count).
     batch_size: int = 1
     # Microbatches accumulated per optimizer step (scanned inside the jitted step).
     grad_accum: int = 16
@@ -467,10 +467,16 @@ class TrainConfig:
     snapshot_every: int = 0
     # Seeds the new-row init and the batch order; every key is fold_in(seed, step).
     seed: int = 0
-    # Device mesh 'data,model', e.g. "8,1" or "4,2"; empty: all devices on 'data'.
+    # Device mesh 'data,model', e.g. "1,8" or "2,4": the table is split over 'model', the batch and body over all; empty: all on 'model'.
     mesh: str = ""
     # Call jax.distributed.initialize() (multi-host GPU / TPU pod).
     distributed: bool = False
+    # With --distributed: the coordinator (process 0) as host:port; empty lets JAX detect the cluster.
+    coordinator_address: str = ""
+    # With --coordinator_address: how many processes the run has.
+    num_processes: int = 0
+    # With --coordinator_address: this process's index, 0 to num_processes - 1; process 0 writes the workdir.
+    process_id: int = -1
     # Storage dtype of the frozen transformer weights: float32 | bfloat16 | float16.
     frozen_dtype: str = "float32"
     # Matmul compute dtype; norms, softmax and the loss always accumulate in float32.

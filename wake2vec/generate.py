@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec import model
+from wake2vec import hosts, model
 from wake2vec.config import ModelConfig, UnsupportedConfigError
 from wake2vec.errors import UserError
 
@@ -526,7 +526,7 @@ def write_generations(
         for index in range(1 if temperature == 0 else settings.samples):
             folded, key = sample_key(settings.seed, settings.prompt, temperature, index)
             started = time.perf_counter()
-            tokens = np.asarray(
+            tokens = hosts.host_array(
                 generate(
                     cfg, params, [prompt_ids], settings.max_new_tokens,
                     temperature=temperature, top_k=settings.top_k, top_p=settings.top_p,
@@ -565,13 +565,14 @@ def write_generations(
     header["new tokens are ids from"] = "not counted (no base vocabulary size)" if base_vocab_size is None \
         else base_vocab_size
     out = pathlib.Path(workdir) / GENERATIONS_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_generations(settings.prompt, header, samples, seed=settings.seed,
-                                      per_temperature=settings.samples), encoding="utf-8")
-    record = {"prompt": settings.prompt, "prompt_ids": [int(t) for t in prompt_ids], "settings": header,
-              "samples": [dataclasses.asdict(sample) for sample in samples],
-              "distinct_new_all_temperatures": None if base_vocab_size is None
-              else _distinct_new([sample.usage for sample in samples])}
-    (out.parent / GENERATIONS_JSON).write_text(json.dumps(record, indent=1, ensure_ascii=False, allow_nan=False) + "\n",
-                                               encoding="utf-8")
+    if hosts.is_writer():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_generations(settings.prompt, header, samples, seed=settings.seed,
+                                          per_temperature=settings.samples), encoding="utf-8")
+        record = {"prompt": settings.prompt, "prompt_ids": [int(t) for t in prompt_ids], "settings": header,
+                  "samples": [dataclasses.asdict(sample) for sample in samples],
+                  "distinct_new_all_temperatures": None if base_vocab_size is None
+                  else _distinct_new([sample.usage for sample in samples])}
+        (out.parent / GENERATIONS_JSON).write_text(json.dumps(record, indent=1, ensure_ascii=False, allow_nan=False) + "\n",
+                                                   encoding="utf-8")
     return out

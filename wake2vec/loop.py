@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from wake2vec import checkpoint, convert, data, optim, padding, parallel, prepare, tboard, train, workdir as records
+from wake2vec import checkpoint, convert, data, hosts, optim, padding, parallel, prepare, tboard, train, workdir as records
 from wake2vec.config import DEMO_SOURCE, FlagError, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 
@@ -137,18 +137,26 @@ def _duration(seconds: float) -> str:
 @contextlib.contextmanager
 def exclusive_workdir(workdir: pathlib.Path):
     """Holds workdir/.lock for the run: a second run on the same workdir would otherwise
-    clear the first one's unfinished checkpoint saves and interleave its metrics."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise WorkdirBusyError(f"{workdir} is in use by another wake2vec run; wait for it or choose another --workdir") from e
+    clear the first one's unfinished checkpoint saves and interleave its metrics.
+
+    Process 0 (the writer) takes the lock for every process of the run, and tells the others
+    whether it got it, so all of them stop together on a busy workdir."""
+    with contextlib.ExitStack() as held:
+        busy = None
+        if hosts.is_writer():
+            workdir.mkdir(parents=True, exist_ok=True)
+            lock = held.enter_context(open(workdir / ".lock", "w"))
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                busy = e
+        if hosts.agree(busy is not None):
+            raise WorkdirBusyError(f"{workdir} is in use by another wake2vec run; wait for it or choose another --workdir") from busy
         yield
 
 
 def run(cfg: TrainConfig) -> RunResult:
-    parallel.maybe_initialize_distributed(cfg.distributed)
+    parallel.maybe_initialize_distributed(cfg)
     prepare.validate_flags(cfg)  # before the lock file: a bad flag leaves nothing behind
     with exclusive_workdir(pathlib.Path(cfg.workdir)):
         return _run_locked(cfg)
@@ -177,18 +185,14 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     settings = train.StepSettings(prepared.model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk)
 
     # Host copies are consumed leaf by leaf as they move (TinyLlama's body: 4.4 GB in fp32).
-    frozen_sharding = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), prepared.frozen)
+    frozen_sharding = parallel.frozen_sharding(prepared.frozen, mesh)
     frozen = convert.to_device(prepared.frozen, frozen_sharding)
     trainable_host = padding.pad(prepared.trainable, rows)
     trainable = convert.to_device(trainable_host, parallel.vocab_sharded_like(trainable_host, mesh, rows))
     prepared.frozen = prepared.trainable = None
 
     abstract = jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen)
-    state_sharding = train.TrainState(
-        step=parallel.replicated(mesh),
-        trainable=parallel.vocab_sharded_like(abstract.trainable, mesh, rows),
-        opt_state=parallel.vocab_sharded_like(abstract.opt_state, mesh, rows),
-    )
+    state_sharding = parallel.state_sharding(abstract, mesh, rows)
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep, abstract_state=abstract)
@@ -204,20 +208,17 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
         logging.info("resuming from the committed checkpoint at step %d", start)
     # On every start, also before any commit: what follows `start` is re-logged identically.
     records.truncate_metrics(workdir, start)
-    scalars = tboard.ScalarWriter(workdir, records.read_metrics(workdir))
+    hosts.barrier("metrics truncated")  # every process reads metrics.jsonl as the writer left it
+    scalars = hosts.writer_only(tboard.ScalarWriter)(workdir, records.read_metrics(workdir))  # None elsewhere
 
     def log_event(event: dict) -> None:
         records.append_metrics(workdir, event)
-        scalars.add(event)
+        if scalars is not None:
+            scalars.add(event)
     del trainable
 
     batch_sharding = parallel.batch_sharding(mesh, 3, 1)
-    step_fn = jax.jit(
-        train.make_train_step(tx, schedule, settings),
-        in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-        out_shardings=(state_sharding, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step_fn = parallel.jit_train_step(train.make_train_step(tx, schedule, settings), mesh, state_sharding, frozen_sharding)
     eval_fn = jax.jit(train.make_eval_step(settings, base_size))
     eval_ids_sharding, eval_weights_sharding = parallel.batch_sharding(mesh, 2, 0), parallel.batch_sharding(mesh, 1, 0)
     val_resegmented = prepared.val_resegmented
@@ -226,16 +227,19 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
 
     # Both programs are compiled ahead of time, so that their compile time is measured and
     # reported as such instead of inflating the first step and the first evaluation.
+    # Lowered with the mesh in context, so the body's per-layer gathers
+    # (parallel.gather_weights) are traced into the programs.
     compile_started = time.perf_counter()
     batch_shape = (cfg.grad_accum, cfg.batch_size, cfg.seq_len)
-    step_fn = step_fn.lower(state, frozen, jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)).compile()
-    step_compile_s = time.perf_counter() - compile_started
-    eval_fn = eval_fn.lower(
-        state.trainable, frozen,
-        jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32, sharding=eval_ids_sharding),
-        jax.ShapeDtypeStruct((cfg.batch_size,), np.float32, sharding=eval_weights_sharding),
-        jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.bool_, sharding=eval_ids_sharding),
-    ).compile()
+    with jax.set_mesh(mesh):
+        step_fn = step_fn.lower(state, frozen, jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)).compile()
+        step_compile_s = time.perf_counter() - compile_started
+        eval_fn = eval_fn.lower(
+            state.trainable, frozen,
+            jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32, sharding=eval_ids_sharding),
+            jax.ShapeDtypeStruct((cfg.batch_size,), np.float32, sharding=eval_weights_sharding),
+            jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.bool_, sharding=eval_ids_sharding),
+        ).compile()
     compile_s = time.perf_counter() - compile_started
     logging.info("compiled the train step in %.1f s and the eval step in %.1f s", step_compile_s, compile_s - step_compile_s)
 
@@ -288,9 +292,7 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
                 _, save_s = _timed(lambda: ckpt.save(state, val_loss=val_loss))
                 log_event(progress.note_save(done, save_s))
             if cfg.snapshot_every and done % cfg.snapshot_every == 0:
-                snapshots = workdir / "snapshots"
-                snapshots.mkdir(exist_ok=True)
-                records.atomic_save_npy(snapshots / f"embeddings_step_{done}.npy", _trained_table(state, prepared))
+                records.atomic_save_npy(workdir / "snapshots" / f"embeddings_step_{done}.npy", _trained_table(state, prepared))
     except BaseException as error:
         _close(ckpt, scalars, workdir, failed=error)
         raise
@@ -303,7 +305,7 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     return RunResult(workdir, cfg.max_steps, progress.last_train, last_val)
 
 
-def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter, workdir: pathlib.Path, *,
+def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter | None, workdir: pathlib.Path, *,
            failed: BaseException | None) -> None:
     """Waits for the saves, closes Orbax and the TensorBoard writer, writes the loss table and curve.
 
@@ -316,7 +318,7 @@ def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter, workdir:
         records.write_loss_table(workdir, events)
         records.write_loss_curve(workdir, events)
 
-    for part in (ckpt.wait, ckpt.close, scalars.close, report):
+    for part in (ckpt.wait, ckpt.close, *([scalars.close] if scalars is not None else []), report):
         if failed is None:
             part()
             continue
@@ -328,9 +330,10 @@ def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter, workdir:
 
 def _trained_table(state: train.TrainState, prepared: prepare.PreparedRun) -> np.ndarray:
     """The table on the host, padding rows cut: the (vocab, D) matrix the analysis reads."""
-    return padding.unpad_table(np.asarray(jax.device_get(state.trainable["embedding"])), prepared.model_cfg.vocab_size)
+    return padding.unpad_table(hosts.host_array(state.trainable["embedding"]), prepared.model_cfg.vocab_size)
 
 
+@hosts.writer_only
 def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.PreparedRun, step: int) -> None:
     from wake2vec.analysis import report
 

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec import padding
+from wake2vec import padding, parallel
 from wake2vec.config import ModelConfig
 
 Params = dict[str, Any]
@@ -158,6 +158,7 @@ class Linear(nn.Module):
         kernel = self.param(
             "kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features), self.param_dtype
         )
+        kernel = parallel.gather_weights(kernel)  # the body is sharded; this layer is gathered here
         y = jnp.dot(x.astype(self.compute_dtype), kernel.astype(self.compute_dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)

@@ -2,13 +2,20 @@
 
 The mesh has two axes, ('data', 'model'):
 
-* the batch is split over 'data' (each data slice sees different blocks);
+* the batch is split over every device, ('data', 'model') together, so each device
+  computes the body for its own blocks and per-device FLOPs do not depend on how the
+  devices are arranged (with the batch on 'data' alone, every device of a 'model' group
+  repeated the same forward and backward);
 * the vocabulary axis of the trainable table, of an untied head and of every optimiser
   state leaf that carries that axis (Adafactor's row factors, Adam's moments) is split
   over 'model'. Phase 1 is vocab-heavy: the table (76,500 x 2,048) and its optimiser
   state are the only per-step-updated memory, so they are what is worth sharding;
-* the frozen body is replicated. It is read-only, so replicas never diverge, and at
-  TinyLlama's size it is 2.2 GB in bf16 per device.
+* the frozen body is fully sharded: each stacked layer matrix (layers, in, out) is split
+  over every device along its largest divisible non-layer axis, and gathered one layer
+  at a time inside the layer scan (`gather_weights`, called by the model's projections).
+  Per-device body memory is the body / device count plus one gathered layer, so a body
+  larger than one device (Llama-3.1-8B: 16 GB in bf16) runs on 16 GB devices. Norm
+  scales, a few KB per layer, stay replicated.
 
 The vocabulary is padded to a multiple of 128 x |model| so the table shards evenly and
 XLA tiles the head matmul cleanly; wake2vec.padding adds and cuts those rows and says
@@ -17,6 +24,7 @@ why no statistic sees them.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -24,21 +32,46 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wake2vec import padding
+from wake2vec.errors import UserError
 
 DATA, MODEL = "data", "model"
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-    """Multi-host runs (TPU pod slices, multi-node GPU) must initialise before any jax call."""
-    if enabled:
+class DistributedFlagsError(UserError, ValueError):
+    """--coordinator_address was given without a valid --num_processes / --process_id."""
+
+
+def maybe_initialize_distributed(cfg) -> None:
+    """Multi-host runs (TPU pod slices, multi-node GPU) must initialise before any jax call.
+
+    `cfg` is the run's TrainConfig. Without --coordinator_address JAX detects the cluster
+    (Cloud TPU, SLURM, Open MPI, Kubernetes); with it, the processes are named explicitly
+    (--num_processes, --process_id), as on hosts JAX does not know how to detect.
+    """
+    if not cfg.distributed:
+        return
+    if cfg.coordinator_address:
+        if not 0 <= cfg.process_id < cfg.num_processes:
+            raise DistributedFlagsError(
+                f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < --num_processes "
+                f"(got {cfg.num_processes} and {cfg.process_id})")
+        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    else:
         jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def parse_mesh(spec: str, num_devices: int) -> tuple[int, int]:
-    """'data,model' -> (data, model); empty puts every device on 'data'."""
+    """'data,model' -> (data, model); empty puts every device on 'model'.
+
+    With the batch and the body on every device either way, the axes differ only in the
+    table: 'model' splits it, 'data' replicates it. All on 'model' is the least memory
+    and the same per-device FLOPs; 'data' > 1 only pays where the devices of a 'model'
+    group have fast links and 'data' spans slower ones (the table's all-gathers stay in
+    the group, only its gradient crosses).
+    """
     if not spec:
-        return num_devices, 1
+        return 1, num_devices
     try:
         data, model = (int(x) for x in spec.split(","))
     except ValueError as e:
@@ -64,10 +97,69 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
-    """Splits axis `batch_axis` of an `ndim`-dimensional batch over 'data'."""
+    """Splits axis `batch_axis` of an `ndim`-dimensional batch over every device ('data', 'model')."""
     spec = [None] * ndim
-    spec[batch_axis] = DATA
+    spec[batch_axis] = (DATA, MODEL)
     return NamedSharding(mesh, P(*spec))
+
+
+def frozen_sharding(tree, mesh: Mesh):
+    """A sharding per frozen leaf: stacked layer matrices split over every device, the rest replicated.
+
+    A leaf with at least three axes is a (layers, in, out) stack; its largest axis after the
+    layer axis that divides by the device count is split over ('data', 'model'). The layer
+    axis itself is never split: the scan slices it, and a split one would be gathered whole.
+    """
+    devices = mesh.devices.size
+
+    def rule(leaf):
+        shape = getattr(leaf, "shape", ())
+        spec = [None] * len(shape)
+        if len(shape) >= 3:
+            axes = [a for a in range(1, len(shape)) if shape[a] % devices == 0]
+            if axes:
+                spec[max(axes, key=lambda a: shape[a])] = (DATA, MODEL)
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree_util.tree_map(rule, tree)
+
+
+def under_mesh(fn, mesh: Mesh):
+    """`fn` (a jitted step) called, and so traced, with `mesh` in context: the context is
+    how `gather_weights`, deep inside the model, knows which mesh to gather over."""
+
+    @functools.wraps(fn)
+    def in_context(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return in_context
+
+
+def shard_loss_chunk(hidden: jax.Array) -> jax.Array:
+    """One chunk of the loss's hidden states (tokens, D), its tokens split over 'data' only.
+
+    The head's rows are split over 'model', so each device then forms the logits of its
+    data slice's tokens against its own rows: (tokens / |data|) x (rows / |model|), the
+    same per-device work on every mesh. Gathering a chunk over 'model' costs tokens x D,
+    far less than moving the head. No-op outside a mesh context.
+    """
+    if jax.sharding.get_abstract_mesh().empty:
+        return hidden
+    return jax.lax.with_sharding_constraint(hidden, P(DATA, None))
+
+
+def gather_weights(kernel: jax.Array) -> jax.Array:
+    """One layer's frozen matrix, replicated on every device of the current mesh.
+
+    Called inside the layer scan, so XLA all-gathers each layer just before its matmuls (and
+    again in the rematerialised backward pass) instead of keeping the whole body on every
+    device. Outside a mesh context (`jax.set_mesh`), e.g. single-device generation, it does
+    nothing.
+    """
+    if jax.sharding.get_abstract_mesh().empty:
+        return kernel
+    return jax.lax.with_sharding_constraint(kernel, P())
 
 
 def vocab_sharded_like(tree, mesh: Mesh, vocab_rows: int):
@@ -88,3 +180,26 @@ def vocab_sharded_like(tree, mesh: Mesh, vocab_rows: int):
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map(rule, tree)
+
+
+def state_sharding(abstract_state, mesh: Mesh, rows: int):
+    """The TrainState's shardings: step replicated, table and optimiser state vocab-sharded."""
+    return abstract_state.replace(
+        step=replicated(mesh),
+        trainable=vocab_sharded_like(abstract_state.trainable, mesh, rows),
+        opt_state=vocab_sharded_like(abstract_state.opt_state, mesh, rows),
+    )
+
+
+def jit_train_step(step_fn, mesh: Mesh, state_shardings, frozen_shardings):
+    """`train_step(state, frozen, batch (accum, B, T))` jitted with the run's shardings.
+
+    Call it (or `.lower` it) inside `jax.set_mesh(mesh)` (see `under_mesh`), so the body's
+    per-layer gathers are traced.
+    """
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh, 3, 1)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )

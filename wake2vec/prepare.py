@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 
-from wake2vec import convert, data, demo, optim, parallel, segmentation, vocab, workdir as records
+from wake2vec import convert, data, demo, hosts, optim, parallel, segmentation, vocab, workdir as records
 from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 from wake2vec.model import REMAT_POLICIES
@@ -114,12 +114,12 @@ def _validate_mesh(cfg: TrainConfig) -> None:
     import jax
 
     try:
-        data_size, _ = parallel.parse_mesh(cfg.mesh, jax.device_count())
+        parallel.parse_mesh(cfg.mesh, jax.device_count())
     except ValueError as e:
         raise FlagError(str(e)) from None
-    if cfg.batch_size % data_size:
-        raise FlagError(f"--batch_size={cfg.batch_size} must be a multiple of the mesh's data axis ({data_size}); "
-                        "change --batch_size or --mesh")
+    if cfg.batch_size % jax.device_count():
+        raise FlagError(f"--batch_size={cfg.batch_size} must be a multiple of the device count ({jax.device_count()}): "
+                        "the batch is split over every device; change --batch_size")
 
 
 def _check_against_stored(stored: dict, cfg: TrainConfig, hashes: dict[str, str], workdir: pathlib.Path) -> list[dict]:
@@ -252,11 +252,12 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     validate_flags(cfg)
     workdir = pathlib.Path(cfg.workdir)
     stored = records.read_config(workdir)  # before anything is written: a bad record fails first
+    hosts.barrier("config read")  # before the writer rewrites it: every process compares with the same record
     workdir.mkdir(parents=True, exist_ok=True)
 
     corpus_path, lexicon_path, model_spec = cfg.corpus, cfg.lexicon, cfg.model
     if cfg.model == DEMO_SOURCE:
-        sources = demo.build_sources(workdir, cfg.seed)
+        sources = hosts.writer_first(demo.build_sources, workdir, cfg.seed)
         model_spec = str(sources.model_dir)
         corpus_path = corpus_path or str(sources.corpus)
         lexicon_path = lexicon_path or str(sources.lexicon)
@@ -283,7 +284,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     train_blocks, val_blocks = data.split_blocks(blocks, cfg.val_fraction, cfg.split_shuffle_seed)
     val_resegmented = data.split_blocks(data.make_blocks(resegmented, cfg.seq_len), cfg.val_fraction, cfg.split_shuffle_seed)[1].astype(bool)
     corpus_stats = data.CorpusStats(len(ids), len(train_blocks), len(val_blocks), cfg.seq_len)
-    tokenizer_sha256 = _save_tokenizer(tokenizer, workdir)
+    tokenizer_sha256 = hosts.writer_only(_save_tokenizer)(tokenizer, workdir)
 
     params = convert.drop_padding_rows(convert.load_vocab_rows(model_dir), vocab_stats.base_size)
     # Read (and so checked) before config.json is written; preparing alone needs only the rows.

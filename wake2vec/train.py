@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wake2vec import model, optim
+from wake2vec import model, optim, parallel
 from wake2vec.config import ModelConfig
 
 
@@ -48,15 +48,22 @@ class StepSettings:
 
 
 def _chunked(hidden, targets, weights, chunk):
-    """(N, D), (N,), (N[, K]) -> chunks of `chunk` tokens; padding tokens carry weight 0."""
+    """(N, D), (N,), (N[, K]) -> chunks of `chunk` tokens; padding tokens carry weight 0.
+
+    Token i goes to chunk i % count, position i // count: interleaved, not consecutive,
+    so that a token axis split over the devices stays split inside every chunk (a
+    consecutive chunk would sit on a few devices, and the others would repeat its work).
+    """
     n, dim = hidden.shape
     chunk = min(chunk, n)
     pad = -n % chunk
-    return (
-        jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, dim),
-        jnp.pad(targets, (0, pad)).reshape(-1, chunk),
-        jnp.pad(weights, [(0, pad)] + [(0, 0)] * (weights.ndim - 1)).reshape(-1, chunk, *weights.shape[1:]),
-    )
+    split = lambda x: jnp.swapaxes(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(chunk, -1, *x.shape[1:]), 0, 1)  # noqa: E731
+    return split(hidden), split(targets), split(weights)
+
+
+def _unchunked(chunks, n):
+    """The inverse of `_chunked` for a (count, chunk, D) stack: (N, D), padding dropped."""
+    return jnp.swapaxes(chunks, 0, 1).reshape(-1, chunks.shape[-1])[:n]
 
 
 def _masked_logits(h, head, vocab_size, compute_dtype, softcap):
@@ -86,6 +93,7 @@ def chunked_cross_entropy(
 
     def body(total, xs):
         h, t, w = xs
+        h = parallel.shard_loss_chunk(h)
         logits = _masked_logits(h, head, vocab_size, compute_dtype, softcap)
         target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
@@ -103,6 +111,7 @@ def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk,
     def body(carry, xs):
         total, head_grad = carry
         h, t, w = xs
+        h = parallel.shard_loss_chunk(h)
         logits = _masked_logits(h, head, vocab_size, compute_dtype, softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
@@ -119,7 +128,7 @@ def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk,
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
     (total, head_grad), hidden_grad = jax.lax.scan(body, init, (h_chunks, t_chunks, w_chunks))
-    hidden_grad = hidden_grad.reshape(-1, hidden.shape[1])[: hidden.shape[0]]
+    hidden_grad = _unchunked(hidden_grad, hidden.shape[0])
     return total, (hidden_grad, head_grad.astype(head.dtype))
 
 

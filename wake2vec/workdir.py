@@ -12,7 +12,8 @@
 
 Every file is written to a temporary name and renamed, so a kill never leaves half a file;
 derived arrays are checked against the sha256 recorded in config.json when read
-(`verified_npy`).
+(`verified_npy`). Files are written by process 0 only (`hosts.writer_only`): the other
+processes of a multi-host run write nothing here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import zlib
 from typing import Any, Iterable
 
+from wake2vec import hosts
 from wake2vec.config import TrainConfig
 from wake2vec.errors import UserError
 
@@ -40,7 +42,8 @@ LOSS_CURVE = "loss_curve.png"
 # Flags that change what a run reports or how it is launched, not what it computes.
 # extend_schedule acts once, on the rerun that changes --max_steps; its effect is recorded
 # in config.json's schedule_starts.
-NON_SEMANTIC_FLAGS = frozenset({"workdir", "analyze", "generate_at_end", "allow_config_change", "distributed", "extend_schedule"})
+NON_SEMANTIC_FLAGS = frozenset({"workdir", "analyze", "generate_at_end", "allow_config_change", "distributed", "extend_schedule",
+                                "coordinator_address", "num_processes", "process_id"})
 
 
 class ConfigMismatchError(UserError, ValueError):
@@ -55,16 +58,19 @@ class DerivedFileError(UserError, ValueError):
     """A file the run derived (embeddings_pre.npy, the tokenizer) is missing or no longer matches its hash."""
 
 
+@hosts.writer_only
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
+@hosts.writer_only
 def atomic_save_npy(path: pathlib.Path, array) -> None:
     """np.save to a per-process temporary name, then rename: readers never see half a file."""
     import numpy as np
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
@@ -237,6 +243,7 @@ def _parse_metrics_line(line: str) -> dict | None:
     return event
 
 
+@hosts.writer_only
 def append_metrics(workdir: pathlib.Path, event: dict) -> None:
     with open(workdir / METRICS, "a", encoding="utf-8") as f:
         f.write(_metrics_line(event))
@@ -323,6 +330,7 @@ def write_loss_table(workdir: pathlib.Path, events: Iterable[dict]) -> None:
     atomic_write_text(workdir / LOSS_TABLE, "\n".join(lines) + "\n")
 
 
+@hosts.writer_only
 def write_loss_curve(workdir: pathlib.Path, events: Iterable[dict]) -> None:
     import matplotlib
 

@@ -1,0 +1,140 @@
+"""A real two-process run on this machine: 2 processes x 4 CPU devices = one 8-device run.
+
+Both processes run the real launcher with --distributed and a coordinator on 127.0.0.1;
+JAX's CPU client talks between them over gloo (TCP on loopback). The run is killed with
+SIGKILL after a checkpoint commits, rerun and finished, and compared with the same run in
+one process of 8 forced host devices. Every launcher runs under tests/audited_launch.py,
+which records the files each process writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from tests.conftest import REPO_ROOT
+
+# The mesh puts every device on 'model', so the table's rows are split across the two
+# processes: host copies must really be gathered, and no process holds the whole table.
+FLAGS = ["--seq_len=32", "--batch_size=8", "--grad_accum=1", "--log_every=2", "--eval_blocks=8",
+         "--analyze=false", "--generate_at_end=false", "--max_steps=12", "--eval_every=4",
+         "--save_every=4", "--snapshot_every=4", "--mesh=1,8"]
+TIMEOUT = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(workdir: pathlib.Path, audit: pathlib.Path, devices: int, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-m", "tests.audited_launch", str(audit), "--",
+                             f"--workdir={workdir}", *FLAGS, *extra],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def start_pair(workdir: pathlib.Path, audits: pathlib.Path, run: int) -> list[subprocess.Popen]:
+    coordinator = f"--coordinator_address=127.0.0.1:{free_port()}"
+    return [start(workdir, audits / f"run{run}_process{i}.jsonl", 4, "--distributed", coordinator,
+                  "--num_processes=2", f"--process_id={i}") for i in range(2)]
+
+
+def finish(procs: list[subprocess.Popen]) -> None:
+    try:
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=TIMEOUT)
+            assert proc.returncode == 0, stderr[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def kill_after_commit(procs: list[subprocess.Popen], checkpoints: pathlib.Path, step: int) -> None:
+    deadline = time.time() + TIMEOUT
+    try:
+        while not (checkpoints / str(step)).is_dir():
+            for proc in procs:
+                assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def writers(audit_files) -> dict[str, set[int]]:
+    """{path under the workdir: the processes that wrote it}, checkpoints/ left out (Orbax's
+    saves are collective by design); `mkdir` of an existing directory writes nothing and is
+    left out too."""
+    out = collections.defaultdict(set)
+    for process, path in audit_files:
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            if event["path"].split(os.sep)[0] in ("checkpoints", "checkpoints_corrupt"):
+                continue
+            if event["event"] == "os.mkdir" and event["path"] == ".":
+                continue  # workdir.mkdir(exist_ok=True): process 0 created it before the others started
+            out[event["path"]].add(process)
+    return out
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
+    from wake2vec import checkpoint
+
+    audits = tmp_path / "audit"
+    audits.mkdir()
+    one = tmp_path / "one_process"
+    finish([start(one, audits / "one.jsonl", 8)])
+
+    two = tmp_path / "two_processes"
+    kill_after_commit(start_pair(two, audits, 0), two / "checkpoints", 4)
+    _, interrupted_at = checkpoint.load_trainable(two)
+    assert interrupted_at < 12, "the run finished before the kill; the test proved nothing"
+    finish(start_pair(two, audits, 1))
+
+    # Not bit-identical: the cross-process all-reduces (gloo) add the devices' partial sums
+    # in another order than the in-process ones. Losses are float32 sums (about 1,800 for
+    # one eval batch, where one ulp is 1.2e-4), so they agree to a relative 1e-6 (a few
+    # ulps); the table, whose entries are about 0.02, to 1e-6 absolute.
+    table_one, _ = checkpoint.load_table(one)
+    table_two, step = checkpoint.load_table(two)
+    assert step == 12
+    np.testing.assert_allclose(table_two, table_one, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.load(two / "snapshots" / "embeddings_step_12.npy"), table_two)
+
+    events_one, events_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    keys = lambda events: [(e["step"], sorted(e)) for e in events]  # noqa: E731
+    assert keys(events_two) == keys(events_one)  # each event once, in order, after the kill and resume
+    assert len({(e["step"], "val_loss" in e) for e in events_two}) == len(events_two)
+    for a, b in zip(events_two, events_one):
+        for name in ("train_loss", "val_loss", "lr"):
+            if name in a:
+                np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=0, err_msg=f"step {a['step']} {name}")
+
+    # Each file in the workdir is written by one process, process 0, in both invocations.
+    written = writers((int(p.stem[-1]), p) for p in audits.glob("run*_process*.jsonl"))
+    assert written and all(processes == {0} for processes in written.values()), written
+    for name in ("config.json", "metrics.jsonl", "embeddings_pre.npy", "loss_table.md", "loss_curve.png",
+                 "snapshots/embeddings_step_12.npy", "tokenizer/tokenizer_config.json"):
+        assert name in written, name
+    leftovers = [p.name for p in two.rglob("*") if ".tmp" in p.name and "checkpoints" not in p.parts]
+    assert not leftovers, leftovers
