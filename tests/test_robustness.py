@@ -58,7 +58,9 @@ def snapshot(workdir: pathlib.Path, *homes: pathlib.Path) -> dict[str, str]:
 
     config.json is compared without its command line and with the workdir's own path (the
     copy's, or the fixture's it was copied from: `homes`) written as <W>, since the record
-    names where its files are.
+    names where its files are. TensorBoard's event file is rebuilt from metrics.jsonl on
+    every start (wake2vec.tboard) under a name and wall times of that start, so it is
+    compared by what it holds: every (step, tag, value).
     """
     digests = {}
     for path in sorted(workdir.rglob("*")):
@@ -66,7 +68,9 @@ def snapshot(workdir: pathlib.Path, *homes: pathlib.Path) -> dict[str, str]:
         if not path.is_file() or rel in NOT_RESULTS:
             continue
         data = path.read_bytes()
-        if rel == records.CONFIG:
+        if path.name.startswith("events.out.tfevents."):
+            rel, data = f"{path.parent.relative_to(workdir).as_posix()}/events (scalars)", _event_scalars(path)
+        elif rel == records.CONFIG:
             try:
                 record = json.loads(data)
                 record.pop("command", None)
@@ -79,6 +83,15 @@ def snapshot(workdir: pathlib.Path, *homes: pathlib.Path) -> dict[str, str]:
                 pass  # a row that garbles config.json compares its bytes
         digests[rel] = hashlib.sha256(data).hexdigest()
     return digests
+
+
+def _event_scalars(path: pathlib.Path) -> bytes:
+    """Every (step, tag, value) of a TensorBoard event file, read with TensorBoard's own loader."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+
+    events = [event_pb2.Event.FromString(raw) for raw in RawEventFileLoader(str(path)).Load()]
+    return repr([(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]).encode()
 
 
 @pytest.fixture(scope="module")
