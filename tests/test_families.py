@@ -121,7 +121,7 @@ def test_forward_and_table_gradient_match_transformers(family):
     assert len(captured) == cfg.num_hidden_layers
     for layer, hidden in enumerate(captured):
         assert np.abs(np.asarray(per_layer[layer]) - hidden.detach().numpy()).max() <= 1e-4, layer
-    assert abs(float(loss) - float(out.loss)) <= 1e-5
+    assert abs(float(loss) - out.loss.item()) <= 1e-5
     expected = {"embedding": hf.model.embed_tokens.weight.grad.numpy()}
     got = {"embedding": np.asarray(grads["embedding"])}
     if not cfg.tie_word_embeddings:
