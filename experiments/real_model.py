@@ -188,7 +188,15 @@ def neighbour_queries(cfg: RealModelConfig, tokenizer, base_size: int) -> list[t
     return queries
 
 
-def neighbours(table: np.ndarray, base_size: int, queries, tokenizer) -> dict[str, list]:
+def neighbours(table: np.ndarray, base_size: int, queries, tokenizer, *, centred: bool = False) -> dict[str, list]:
+    """word -> its 5 nearest base tokens [token, cosine]; `centred` first subtracts the base rows' mean.
+
+    The centred view exists because a real table has a large common direction (SmolLM2's base
+    rows have mean pairwise cosine 0.44): raw cosines of rows near the mean are dominated by
+    it, and every such row then has the same neighbours.
+    """
+    if centred:
+        table = table - table[:base_size].mean(axis=0, dtype=np.float64).astype(np.float32)
     ids, cosines = metrics.nearest_by_cosine(table[[q[2] for q in queries]], table[:base_size], 5)
     names = tokenizer.convert_ids_to_tokens
     return {word: [[names(int(i)), round(float(c), 4)] for i, c in zip(row_ids, row_cos)]
@@ -224,8 +232,11 @@ def run_mode(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> dict:
     base_size = summary["meta"]["base_vocab_size"]
     queries = neighbour_queries(cfg, tokenizer, base_size)
     pre = np.load(workdir / prepare.EMBEDDINGS_PRE)
-    result["neighbours"] = {"queries": [list(q) for q in queries], "before": neighbours(pre, base_size, queries, tokenizer),
-                            "after": neighbours(params["embedding"], base_size, queries, tokenizer)}
+    result["neighbours"] = {"queries": [list(q) for q in queries],
+                            "skipped": [w for w in _split(cfg.words) if w not in {q[1] for q in queries}]}
+    for when, table in (("before", pre), ("after", params["embedding"])):
+        result["neighbours"][when] = neighbours(table, base_size, queries, tokenizer)
+        result["neighbours"][f"{when}, centred"] = neighbours(table, base_size, queries, tokenizer, centred=True)
     base_cfg, base_params = convert.load_hf(cfg.model)
     frozen = {k: v for k, v in params.items() if k != "embedding"}
     result["generations"] = {
@@ -234,6 +245,13 @@ def run_mode(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> dict:
         f"trained, step {run.final_step}": continuation(model_cfg, params, tokenizer, cfg),
     }
     return result
+
+
+_NEIGHBOUR_TITLES = {
+    "before": "before training", "after": "after training",
+    "before, centred": "before training, cosines centred on the base mean",
+    "after, centred": "after training, cosines centred on the base mean",
+}
 
 
 def write_reports(cfg: RealModelConfig, out: pathlib.Path, results: dict) -> None:
@@ -245,22 +263,22 @@ def write_reports(cfg: RealModelConfig, out: pathlib.Path, results: dict) -> Non
         chars = r["init_table"][0]["chars"]
         init_md.append(f"Injection `{mode}`: the first {cfg.eval_blocks} validation blocks, {chars:,} characters.\n\n"
                        + _md_table(["model", "predicted tokens", "nats/token", "nats/char"], rows))
-        for when in ("before", "after"):
-            neigh_md.append(f"Injection `{mode}`, {when} training (5 nearest base tokens by cosine; Ġ is a leading space):\n\n"
+        skipped = ", ".join(f"`{w}`" for w in r["neighbours"]["skipped"]) or "none"
+        neigh_md.append(f"Injection `{mode}`. Chosen words that are not new tokens (so not listed): {skipped}.\n")
+        for when, title in _NEIGHBOUR_TITLES.items():
+            neigh_md.append(f"Injection `{mode}`, {title} (5 nearest base tokens by cosine; Ġ is a leading space):\n\n"
                             + _md_table(["segment", "word", "nearest base tokens (cosine)"], [
                                 [seg, f"`{word}`", ", ".join(f"`{t}` {c:.3f}" for t, c in r["neighbours"][when][word])]
                                 for seg, word, _ in r["neighbours"]["queries"]]))
         gen_md += [f"## Injection `{mode}`: {who}\n\n```\n{cfg.prompt}{text}\n```\n" for who, text in r["generations"].items()]
         shutil.copy(out / mode / "phase1" / "loss_table.md", out / f"loss_table_{mode}.md")
         shutil.copy(out / mode / "phase1" / "loss_curve.png", out / f"loss_curve_{mode}.png")
+        shutil.copy(out / mode / "phase1" / "analysis" / "embedding_analysis.png", out / f"embedding_analysis_{mode}.png")
     (out / "init_table.md").write_text("\n".join(init_md))
     (out / "neighbours.md").write_text("\n".join(neigh_md))
     (out / "generations.md").write_text("\n".join(gen_md))
     (out / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(cfg), "results": results},
                                                  indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-
-
-config_flags.define_flags(RealModelConfig)
 
 
 def main(argv):
@@ -281,4 +299,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined only when run, so importing this module (tests) defines no flags.
+    config_flags.define_flags(RealModelConfig)
     app.run(main)

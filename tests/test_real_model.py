@@ -89,3 +89,52 @@ def test_generate_launcher_reads_the_gguf_file(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     text = (tmp_path / "generations.md").read_text()
     assert "riverrun, past Eve and Adam's," in text and str(GGUF) in text
+
+
+def test_experiment_end_to_end_on_a_tiny_gguf_model(tmp_path):
+    """experiments.real_model's whole path (init table, run, neighbours, generations, reports),
+    on a tiny random GGUF model so that it costs seconds; the real run is the README's."""
+    from experiments import real_model
+    from tests.test_gguf import TOKENS, tiny_hf, write_gguf
+
+    gguf_path = write_gguf(tmp_path / "tiny.gguf", tiny_hf(num_hidden_layers=1))
+    words = ["thethe", "inthe", "hethin", "tinnet"]
+    rng = np.random.default_rng(0)
+    pieces = words + ["the", "in", "he", "net", "tin", "a", "is"]
+    (tmp_path / "corpus.txt").write_text(" ".join(rng.choice(pieces, 3000)), encoding="utf-8")
+    (tmp_path / "lexicon.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    cfg = real_model.RealModelConfig(
+        out=str(tmp_path / "out"), model=str(gguf_path), corpus=str(tmp_path / "corpus.txt"),
+        lexicon=str(tmp_path / "lexicon.txt"), start_marker="", seq_len=32, grad_accum=1, max_steps=4, eval_every=2,
+        log_every=2, eval_blocks=3, words="thethe,notaword", words_per_segment=1, prompt="the thin", max_new_tokens=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    results = {"reference": real_model.run_mode(cfg, "reference", out)}
+    real_model.write_reports(cfg, out, results)
+    rows = results["reference"]["init_table"]
+    assert [r["init"] for r in rows] == [None, "mean_noise", "spherical", "subword_mean", "hewitt"]
+    assert len({r["chars"] for r in rows}) == 1 and all(np.isfinite(r["nats_per_char"]) for r in rows)
+    # The span the base model is scored on is the text the injected model's blocks cover.
+    assert rows[1]["tokens"] == 3 * 31 and rows[0]["tokens"] > rows[1]["tokens"]
+    assert results["reference"]["neighbours"]["skipped"] == ["notaword"]
+    assert set(results["reference"]["generations"]) == {"base model", "injected, step 0 (init=mean_noise)", "trained, step 4"}
+    for name in ("init_table.md", "neighbours.md", "generations.md", "loss_table_reference.md", "loss_curve_reference.png",
+                 "embedding_analysis_reference.png", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "results.json").read_text())["settings"]["max_steps"] == 4
+    assert len(TOKENS) == results["reference"]["init_table"][1]["vocab"]["base_size"]
+
+
+def test_experiment_injection_modes_follow_train_config():
+    import dataclasses
+
+    from experiments import real_model
+    from wake2vec.config import TrainConfig
+
+    cfg = real_model.RealModelConfig()
+    assert real_model.train_config(cfg, "reference", "mean_noise", "w", 5).max_steps == 5
+    if "injection" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        assert real_model.train_config(cfg, "whole_word", "hewitt", "w", 5).injection == "whole_word"
+    else:
+        with pytest.raises(real_model.StudyError, match="--injections=whole_word"):
+            real_model.train_config(cfg, "whole_word", "hewitt", "w", 5)
