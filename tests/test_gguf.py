@@ -45,7 +45,7 @@ def _llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path: pathlib.Path, hf, qtype: Q = Q.F32, *, arch: str = "llama", tokenizer_model: str = "gpt2",
-               embedding_type: Q | None = None) -> pathlib.Path:
+               embedding_type: Q | None = None, add_bos: bool = False) -> pathlib.Path:
     """hf's weights as llama.cpp would write them: matrices in `qtype`, norms in F32."""
     c = hf.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -67,6 +67,7 @@ def write_gguf(path: pathlib.Path, hf, qtype: Q = Q.F32, *, arch: str = "llama",
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
+    writer.add_add_bos_token(add_bos)
     for name, tensor in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -137,6 +138,9 @@ def test_tokenizer_rebuilt_as_transformers_rebuilds_it(tmp_path):
     assert ours(text)["input_ids"] == theirs(text)["input_ids"]
     assert len(ours) == len(TOKENS) and ours.eos_token == "<|im_end|>" and ours.bos_token == "<|im_start|>"
     assert ours.decode(ours(text)["input_ids"]) == text
+    with_bos = vocab.load_base_tokenizer(write_gguf(tmp_path / "bos.gguf", tiny_hf(), add_bos=True))
+    assert with_bos(text)["input_ids"] == [1] + ours(text)["input_ids"]
+    assert with_bos(text, add_special_tokens=False)["input_ids"] == ours(text)["input_ids"]
 
 
 def test_unsupported_architecture_quant_type_and_tokenizer_are_named(tmp_path):

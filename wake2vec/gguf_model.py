@@ -99,8 +99,10 @@ def _reader(path: str):
         raise GGUFFormatError(f"{path}: not a readable GGUF file ({e})") from e
 
 
+@functools.lru_cache(maxsize=4)
 def _metadata(path: str) -> dict:
-    """Every metadata key -> its value (strings, numbers or lists)."""
+    """Every metadata key -> its value (strings, numbers or lists); cached, as decoding the
+    49,152-token vocabulary takes about a second and config, weights and tokenizer all read it."""
     return {name: field.contents() for name, field in _reader(str(path)).fields.items()}
 
 
