@@ -2,6 +2,11 @@
 
     python -m benchmarks.benchmark                     # CPU, the vocab-heavy default shape
     python -m benchmarks.benchmark --shape=tinyllama --frozen_dtype=bfloat16 --compute_dtype=bfloat16  # GPU
+    python -m benchmarks.benchmark --shape=smollm2     # real weights: SmolLM2-135M from its GGUF file
+
+The smollm2 shape runs both contenders on the real SmolLM2-135M-Instruct weights (its GGUF
+file, dequantized by wake2vec and by transformers' own GGUF loader), with the table grown
+by the 44,416 rows the Wake lexicon adds (mean_noise rows, the same values on both sides).
 
 Contenders, same shape, same random token batch, same machine, in one process:
 
@@ -40,6 +45,9 @@ SHAPES = {
     "default": dict(vocab=76_500, hidden=512, mlp=1408, layers=4, heads=8, kv_heads=1, seq=256, batch=4, accum=1),
     # TinyLlama-1.1B with the Wake's vocabulary and the reference step (1 block x 16 accumulated), for a GPU.
     "tinyllama": dict(vocab=76_500, hidden=2048, mlp=5632, layers=22, heads=32, kv_heads=4, seq=256, batch=1, accum=16),
+    # SmolLM2-135M's real weights with the Wake's 44,416 rows added; 4 blocks of 256 per step.
+    "smollm2": dict(vocab=93_568, hidden=576, mlp=1536, layers=30, heads=9, kv_heads=3, seq=256, batch=1, accum=4,
+                    real=True),
 }
 
 _SHAPE = flags.DEFINE_enum("shape", "default", list(SHAPES), "Model and batch shape.")
@@ -51,6 +59,9 @@ _REMAT = flags.DEFINE_string("remat", "none", "wake2vec's remat policy; torch us
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch step (needs torch).")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 leaves torch's default.")
 _GAP = flags.DEFINE_float("gap", 0.5, "Idle seconds before each timed step, so neither contender inherits the other's busy threads.")
+_GGUF = flags.DEFINE_string(
+    "gguf", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "The model file of --shape=smollm2.")
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Only compile wake2vec's step and print XLA's FLOP and memory analysis (no timing).")
 
@@ -80,6 +91,16 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / statistics.median(times)
 
 
+def real_weights(shape: dict):
+    """(ModelConfig, host params) of --gguf with the table grown to shape["vocab"] rows (seeded mean_noise)."""
+    from wake2vec import convert, vocab
+
+    cfg, params = convert.load_hf(_GGUF.value, as_numpy=True)
+    table = params.pop("embedding")
+    params["embedding"] = vocab.grow_table(table, shape["vocab"] - table.shape[0], "mean_noise", seed=0)
+    return cfg.replace(vocab_size=shape["vocab"], tie_word_embeddings=True), params
+
+
 def wake2vec_step(shape: dict):
     """(run_one_step, the compiled step) for the shape."""
     import jax
@@ -90,10 +111,15 @@ def wake2vec_step(shape: dict):
     from wake2vec.config import TrainConfig, dtype_from_name
 
     cfg = _model_config(shape)
+    if shape.get("real"):
+        cfg, host = real_weights(shape)
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype_from_name(_FROZEN_DTYPE.value)), host)
+        params["embedding"] = jnp.asarray(host["embedding"], jnp.float32)
+    else:
+        params = model.init_params(cfg, jax.random.PRNGKey(0), dtype=dtype_from_name(_FROZEN_DTYPE.value))
     tc = TrainConfig(max_steps=1000, grad_accum=shape["accum"], batch_size=shape["batch"], seq_len=shape["seq"])
     mesh = parallel.make_mesh("")
     rows = parallel.padded_vocab(cfg.vocab_size, mesh)
-    params = model.init_params(cfg, jax.random.PRNGKey(0), dtype=dtype_from_name(_FROZEN_DTYPE.value))
     params.update(padding.pad(optim.split_params(params)[0], rows))
     trainable, frozen = optim.split_params(params)
     tx = optim.make_optimizer(tc, 32_000, cfg.vocab_size)
@@ -154,11 +180,16 @@ def torch_step(shape: dict):
     if _THREADS.value:
         torch.set_num_threads(_THREADS.value)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["mlp"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-        max_position_embeddings=max(2048, shape["seq"]), tie_word_embeddings=True)
-    llama = transformers.LlamaForCausalLM(config)
+    if shape.get("real"):
+        llama = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(_GGUF.value), gguf_file=os.path.basename(_GGUF.value))
+        llama.resize_token_embeddings(shape["vocab"], mean_resizing=False)
+        with torch.no_grad():  # the same grown table as wake2vec's
+            llama.get_input_embeddings().weight.copy_(torch.from_numpy(real_weights(shape)[1]["embedding"]))
+    else:
+        llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["mlp"],
+            num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+            max_position_embeddings=max(2048, shape["seq"]), tie_word_embeddings=True))
     llama.train()
     if _REMAT.value != "none":
         llama.gradient_checkpointing_enable()
@@ -200,19 +231,23 @@ def main(argv):
         for _ in range(_WARMUP.value):
             run()
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(_REPEATS.value):
         for name, run in contenders.items():  # alternate, so noise hits both alike
             time.sleep(_GAP.value)  # let the other contender's worker threads go idle
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     peak = matmul_peak_flops()
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, median in medians.items():
         spread = f"min {min(times[name]):.3f} s, max {max(times[name]):.3f} s"
-        print(f"{name:9s} median {median:.3f} s/step ({spread}): {tokens / median:,.0f} tokens/s")
+        print(f"{name:9s} median {median:.3f} s/step ({spread}): {tokens / median:,.0f} tokens/s; "
+              f"median {statistics.median(cpu[name]):.3f} CPU-s/step (all threads)")
     if "pytorch" in medians:
-        print(f"ratio wake2vec / pytorch tokens/s: {medians['pytorch'] / medians['wake2vec']:.2f}x")
+        print(f"ratio wake2vec / pytorch tokens/s: {medians['pytorch'] / medians['wake2vec']:.2f}x; "
+              f"CPU-seconds per step, pytorch / wake2vec: {statistics.median(cpu['pytorch']) / statistics.median(cpu['wake2vec']):.2f}x")
     achieved = flops / medians["wake2vec"]
     print(f"wake2vec: {flops / 1e9:.1f} GFLOP model FLOPs per step, {achieved / 1e9:.1f} GFLOP/s achieved; "
           f"float32 matmul peak measured now {peak / 1e9:.1f} GFLOP/s -> MFU {achieved / peak:.0%}")

@@ -578,7 +578,7 @@ def load_params(workdir, step: int | None = None, *, as_numpy: bool = False,
     """
     record = run_record(workdir)
     source = pathlib.Path(record["model_source"])
-    if not source.is_dir():
+    if not source.exists():
         raise CheckpointError(
             f"the run's model source {source} (config.json model_source) is missing; the frozen body is "
             "read from it, so restore it at that path"

@@ -404,9 +404,9 @@ class TrainConfig:
 
     # Run directory: config, tokenizer, checkpoints, metrics, analysis all go here.
     workdir: str = "runs/demo"
-    # HF hub id or local checkpoint dir; "demo" builds a seeded random Llama in the workdir.
+    # HF hub id, local checkpoint dir or Llama .gguf file; "demo" builds a seeded random Llama in the workdir.
     model: str = DEMO_SOURCE
-    # Tokenizer dir or tokenizer.json; empty means the one beside the model.
+    # Tokenizer dir or tokenizer.json; empty means the one beside the model (a .gguf file: its own).
     tokenizer: str = ""
     # UTF-8 training text; empty means the bundled sample (demo only).
     corpus: str = ""

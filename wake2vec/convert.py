@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from wake2vec import padding
+from wake2vec import gguf_model, padding
 from wake2vec.config import ModelConfig
 from wake2vec.errors import UserError
 
@@ -114,9 +114,9 @@ def write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> Non
 
 
 def resolve_checkpoint(path_or_hub_id: str) -> pathlib.Path:
-    """A local directory, or a hub id resolved (downloaded) through huggingface_hub."""
+    """A local directory or .gguf file, or a hub id resolved (downloaded) through huggingface_hub."""
     path = pathlib.Path(path_or_hub_id).expanduser()
-    if path.is_dir():
+    if path.is_dir() or gguf_model.is_gguf(path):
         return path
     looks_like_hub_id = path_or_hub_id.count("/") == 1 and not path_or_hub_id.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -143,6 +143,8 @@ def resolve_checkpoint(path_or_hub_id: str) -> pathlib.Path:
 
 def weight_files(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
     """The checkpoint's weight files, safetensors preferred, in a stable order."""
+    if gguf_model.is_gguf(ckpt_dir):
+        return [ckpt_dir]
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = ckpt_dir / index_name
@@ -165,6 +167,8 @@ def weight_files(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def source_hash(ckpt_dir: pathlib.Path) -> str:
     """sha256 over the config and weight files' names and bytes: identifies a frozen body."""
+    if gguf_model.is_gguf(ckpt_dir):
+        return gguf_model.source_hash(ckpt_dir)
     digest = hashlib.sha256()
     for f in [ckpt_dir / "config.json", *weight_files(ckpt_dir)]:
         digest.update(f.name.encode() + b"\0")
@@ -175,6 +179,8 @@ def source_hash(ckpt_dir: pathlib.Path) -> str:
 
 
 def read_config(ckpt_dir: pathlib.Path) -> ModelConfig:
+    if gguf_model.is_gguf(ckpt_dir):
+        return gguf_model.read_config(ckpt_dir)
     config_path = ckpt_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointFormatError(f"{ckpt_dir}: config.json is missing; a HF checkpoint directory needs one")
@@ -187,6 +193,9 @@ def read_config(ckpt_dir: pathlib.Path) -> ModelConfig:
 
 def _iter_tensors(files: list[pathlib.Path], names: frozenset[str] | None = None) -> Iterator[tuple[pathlib.Path, str, np.ndarray]]:
     for path in files:
+        if gguf_model.is_gguf(path):
+            yield from ((path, name, arr) for name, arr in gguf_model.iter_tensors(path))
+            continue
         if path.suffix == ".safetensors":
             for name, arr in _iter_safetensors(path, names):
                 yield path, name, arr
@@ -309,7 +318,7 @@ def _slots(cfg: ModelConfig, params: Params, name: str) -> tuple[list[tuple[np.n
 
 
 def load_hf(path_or_hub_id: str, dtype=jnp.float32, *, as_numpy: bool = False) -> tuple[ModelConfig, Params]:
-    """Reads a HF checkpoint of a supported family into (ModelConfig, params).
+    """Reads a HF checkpoint of a supported family (or a Llama .gguf file) into (ModelConfig, params).
 
     `dtype` is the storage dtype of the transformer body; the embedding table and an
     untied head stay float32 because they are what Phase 1 trains. `as_numpy=True` keeps

@@ -28,7 +28,7 @@ from absl import logging
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from wake2vec import whole_word
+from wake2vec import gguf_model, whole_word
 from wake2vec.data import read_utf8, tokenizers_backend
 from wake2vec.errors import UserError
 
@@ -95,8 +95,11 @@ def load_base_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     `path` is a directory holding tokenizer.json, or the tokenizer.json file itself. The
     special tokens and max length come from tokenizer_config.json and special_tokens_map.json
     beside it when present (the map wins, as in transformers); everything that decides how
-    text is split comes from tokenizer.json alone (see the module docstring).
+    text is split comes from tokenizer.json alone (see the module docstring). A .gguf file's
+    tokenizer is rebuilt from its metadata (wake2vec.gguf_model).
     """
+    if gguf_model.is_gguf(path):
+        return gguf_model.load_tokenizer(path)
     p = pathlib.Path(path)
     if p.is_dir():
         file, folder = p / "tokenizer.json", p

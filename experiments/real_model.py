@@ -1,0 +1,304 @@
+"""The study's Phase 1 on a real pretrained model (SmolLM2-135M-Instruct, from its GGUF file).
+
+    python -m experiments.real_model                       # -> runs/real_model (the full run)
+    python -m experiments.real_model --max_steps=40 --grad_accum=2 --out=runs/real_model_small
+
+For each injection mode (--injections) it writes, into --out:
+
+* init_table.md: the validation loss at step 0 of every initialiser (--inits), beside the
+  base model's own loss on the same text before injection. Losses over different
+  tokenizations are compared per character (total nats / characters of the text span),
+  since injection changes how many tokens that text is; nats/token is shown too.
+* a Phase 1 run (the library's own loop, --init) in MODE/phase1/: loss table, loss curve,
+  checkpoint, analysis; copied up as loss_table.md and loss_curve.png;
+* neighbours.md: the 5 nearest base tokens of chosen Wake words (--words, plus words from
+  the beginning, middle and end of the lexicon), before and after training;
+* generations.md: greedy continuations of the study's prompt by the base model, by the
+  injected model at step 0, and by the trained model;
+* results.json: every number above, and the settings.
+
+The default recipe is the reference's scaled to about 20-30 CPU-minutes on 2 cores: 256-token
+blocks as in the reference, 4 blocks per step instead of 16, 150 steps instead of 3,000
+(150 x 1,024 = 154k tokens, about 0.4 of one pass over the Wake, against the reference's
+12.3M tokens, about 34 passes), validation on the first 16 held-out blocks instead of all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import logging as absl_logging
+
+from wake2vec import checkpoint, convert, data, flags as config_flags, generate, loop, prepare, train, vocab
+from wake2vec.analysis import metrics
+from wake2vec.config import ModelConfig, TrainConfig
+from wake2vec.errors import UserError
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class RealModelConfig:
+    """Settings of the real-model experiment; one field per flag."""
+
+    # Output directory: tables, figure, results.json, and one workdir per injection mode.
+    out: str = "runs/real_model"
+    # The model: a Llama .gguf file or HF checkpoint dir (default: SmolLM2-135M-Instruct Q4_1 in ../shared/data).
+    model: str = str(SHARED / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # The Wake's text (UTF-8).
+    corpus: str = str(SHARED / "finnegans_wake.txt")
+    # The Wake lexicon, one word per line.
+    lexicon: str = str(SHARED / "wake_lexicon.txt")
+    # Start the corpus at this text, as the reference did.
+    start_marker: str = "riverrun"
+    # Comma-separated injection modes; "reference" is add_tokens, others need TrainConfig.injection.
+    injections: str = "reference"
+    # Comma-separated initialisers whose step-0 validation loss is tabulated.
+    inits: str = "mean_noise,spherical,subword_mean,hewitt"
+    # Initialiser of the Phase 1 run.
+    init: str = "mean_noise"
+    # Tokens per block (the reference's 256).
+    seq_len: int = 256
+    # Blocks per microbatch.
+    batch_size: int = 1
+    # Microbatches per optimizer step (the reference: 16; scaled to the CPU budget).
+    grad_accum: int = 4
+    # Optimizer steps of the Phase 1 run (the reference: 3,000).
+    max_steps: int = 150
+    # Peak learning rate (the reference's 5e-4).
+    lr: float = 5e-4
+    # Warmup fraction of max_steps.
+    warmup_ratio: float = 0.05
+    # Validation every N steps.
+    eval_every: int = 25
+    # Log the training loss every N steps.
+    log_every: int = 5
+    # Validation blocks (the first N held-out ones) for every loss in the tables and the run.
+    eval_blocks: int = 16
+    # Rematerialisation of the training step: none | full | dots (none is fastest when memory allows).
+    remat: str = "none"
+    # Comma-separated Wake words whose nearest base tokens are listed.
+    words: str = "misunderstord,riverrun,commodius,vicus,Howth"
+    # Lexicon words listed from each of its beginning, middle and end.
+    words_per_segment: int = 2
+    # Prompt of the generations.
+    prompt: str = generate.STUDY_PROMPT
+    # New tokens per generation.
+    max_new_tokens: int = 48
+    # Repetition penalty of the greedy generations (the study's 1.15; 1 is plain greedy).
+    repetition_penalty: float = 1.15
+    # Seeds the initialisers and the batch order.
+    seed: int = 0
+
+
+class StudyError(UserError, ValueError):
+    """A setting of the real-model experiment cannot be run."""
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def train_config(cfg: RealModelConfig, mode: str, init: str, workdir, max_steps: int) -> TrainConfig:
+    """The TrainConfig of one run; `injection` is set only where this build has the field."""
+    fields = dict(
+        workdir=str(workdir), model=cfg.model, corpus=cfg.corpus, lexicon=cfg.lexicon, start_marker=cfg.start_marker,
+        seq_len=cfg.seq_len, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=max_steps, lr=cfg.lr,
+        warmup_ratio=cfg.warmup_ratio, init=init, eval_every=cfg.eval_every, save_every=max(max_steps, 1),
+        log_every=cfg.log_every, eval_blocks=cfg.eval_blocks, remat=cfg.remat, seed=cfg.seed, keep=1,
+    )
+    if "injection" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        fields["injection"] = mode
+    elif mode != "reference":
+        raise StudyError(f"--injections={mode}: this build of wake2vec has only the reference injection (add_tokens)")
+    return TrainConfig(**fields)
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(model_cfg: ModelConfig):
+    return jax.jit(train.make_eval_step(train.StepSettings(model_cfg, jnp.float32, "none", 1024)))
+
+
+def block_loss(model_cfg: ModelConfig, table: np.ndarray, frozen: dict, blocks: np.ndarray) -> tuple[float, int]:
+    """(total nats, predicted tokens) over blocks (N, T), one block per call (one compile per config)."""
+    step, trainable = _eval_fn(model_cfg), {"embedding": jnp.asarray(table)}
+    total = count = 0.0
+    for block in blocks:
+        loss_sum, n = step(trainable, frozen, jnp.asarray(block[None]), jnp.ones(1, jnp.float32))
+        total, count = total + float(loss_sum), count + float(n)
+    return total, int(count)
+
+
+def validation_span(cfg: RealModelConfig, prepared: prepare.PreparedRun, n_blocks: int) -> str:
+    """The exact text the first n_blocks validation blocks cover (from the tokenizer's offsets)."""
+    text = data.read_corpus(cfg.corpus, start_marker=cfg.start_marker)
+    enc = data.tokenizers_backend(prepared.tokenizer).encode(text, add_special_tokens=False)
+    blocks = np.concatenate([prepared.train_blocks, prepared.val_blocks])
+    if not np.array_equal(np.asarray(enc.ids[: blocks.size]), blocks.ravel()):
+        raise RuntimeError("re-encoding the corpus does not give the run's blocks; the span would be wrong")
+    first = prepared.train_blocks.size
+    return text[enc.offsets[first][0]: enc.offsets[first + n_blocks * cfg.seq_len - 1][1]]
+
+
+def init_table(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> list[dict]:
+    """Step-0 validation loss of every initialiser, and the base model's on the same text."""
+    rows, span = [], None
+    for init in _split(cfg.inits):
+        logging.info("[%s] step-0 validation loss of init=%s", mode, init)
+        with tempfile.TemporaryDirectory(dir=out) as scratch:
+            prepared = prepare.prepare(train_config(cfg, mode, init, scratch, max_steps=0))
+        val = prepared.val_blocks[: cfg.eval_blocks]
+        span = span if span is not None else validation_span(cfg, prepared, len(val))
+        frozen = jax.tree_util.tree_map(jnp.asarray, prepared.frozen)
+        nats, tokens = block_loss(prepared.model_cfg, prepared.trainable["embedding"], frozen, val)
+        rows.append({"model": f"injected, init={init}", "init": init, "nats": nats, "tokens": tokens,
+                     "vocab": prepared.vocab_stats.as_dict(), "data": prepared.corpus_stats.as_dict()})
+    logging.info("[%s] the base model's loss on the same text (%d characters)", mode, len(span))
+    base_cfg, base = convert.load_hf(cfg.model, as_numpy=True)
+    base_ids = data.tokenize_corpus(vocab.load_base_tokenizer(cfg.model), span)
+    base_blocks = data.make_blocks(base_ids, cfg.seq_len)
+    table = base.pop("embedding")
+    nats, tokens = block_loss(base_cfg, table, jax.tree_util.tree_map(jnp.asarray, base), base_blocks)
+    rows.insert(0, {"model": "base model, before injection", "init": None, "nats": nats, "tokens": tokens,
+                    "span_tokens": int(base_ids.size)})
+    for row in rows:
+        row.update(chars=len(span), nats_per_token=row["nats"] / row["tokens"], nats_per_char=row["nats"] / len(span))
+    return rows
+
+
+def neighbour_queries(cfg: RealModelConfig, tokenizer, base_size: int) -> list[tuple[str, str, int]]:
+    """(segment, word, id) of the chosen words that are new tokens, then lexicon beginning/middle/end."""
+    added = vocab.added_words(tokenizer, base_size)
+    index = {w: base_size + i for i, w in enumerate(added)}
+    queries = [("chosen", w, index[w]) for w in _split(cfg.words) if w in index]
+    k, n = cfg.words_per_segment, len(added)
+    for segment, start in (("beginning", 0), ("middle", n // 2 - k // 2), ("end", n - k)):
+        queries += [(segment, added[i], base_size + i) for i in range(start, start + k)]
+    return queries
+
+
+def neighbours(table: np.ndarray, base_size: int, queries, tokenizer, *, centred: bool = False) -> dict[str, list]:
+    """word -> its 5 nearest base tokens [token, cosine]; `centred` first subtracts the base rows' mean.
+
+    The centred view exists because a real table has a large common direction (SmolLM2's base
+    rows have mean pairwise cosine 0.44): raw cosines of rows near the mean are dominated by
+    it, and every such row then has the same neighbours.
+    """
+    if centred:
+        table = table - table[:base_size].mean(axis=0, dtype=np.float64).astype(np.float32)
+    ids, cosines = metrics.nearest_by_cosine(table[[q[2] for q in queries]], table[:base_size], 5)
+    names = tokenizer.convert_ids_to_tokens
+    return {word: [[names(int(i)), round(float(c), 4)] for i, c in zip(row_ids, row_cos)]
+            for (_, word, _), row_ids, row_cos in zip(queries, ids, cosines)}
+
+
+def continuation(model_cfg, params, tokenizer, cfg: RealModelConfig) -> str:
+    prompt = np.asarray([tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]])
+    out = generate.generate(model_cfg, params, prompt, cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty)
+    return tokenizer.decode(np.asarray(out)[0, prompt.shape[1]:])
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_mode(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> dict:
+    result = {"init_table": init_table(cfg, mode, out)}
+    workdir = out / mode / "phase1"
+    logging.info("[%s] Phase 1: %d steps of %d tokens", mode, cfg.max_steps, cfg.seq_len * cfg.batch_size * cfg.grad_accum)
+    run = loop.run(train_config(cfg, mode, cfg.init, workdir, cfg.max_steps))
+    result["run"] = {"final_step": run.final_step, "last_train_loss": run.last_train_loss, "last_val_loss": run.last_val_loss,
+                     "loss_table": (workdir / "loss_table.md").read_text()}
+    summary = json.loads((workdir / "analysis" / "summary.json").read_text())
+    result["analysis"] = {key: summary[key] for key in ("norms", "isotropy", "pca")}
+    result["analysis"]["drift"] = {g: {k: summary["drift"][g][k] for k in ("cosine", "l2")} for g in ("base", "new")}
+
+    logging.info("[%s] neighbours and generations", mode)
+    model_cfg, params, _ = checkpoint.load_params(workdir, as_numpy=True)
+    tokenizer = vocab.load_base_tokenizer(workdir / "tokenizer")
+    base_size = summary["meta"]["base_vocab_size"]
+    queries = neighbour_queries(cfg, tokenizer, base_size)
+    pre = np.load(workdir / prepare.EMBEDDINGS_PRE)
+    result["neighbours"] = {"queries": [list(q) for q in queries],
+                            "skipped": [w for w in _split(cfg.words) if w not in {q[1] for q in queries}]}
+    for when, table in (("before", pre), ("after", params["embedding"])):
+        result["neighbours"][when] = neighbours(table, base_size, queries, tokenizer)
+        result["neighbours"][f"{when}, centred"] = neighbours(table, base_size, queries, tokenizer, centred=True)
+    base_cfg, base_params = convert.load_hf(cfg.model)
+    frozen = {k: v for k, v in params.items() if k != "embedding"}
+    result["generations"] = {
+        "base model": continuation(base_cfg, base_params, vocab.load_base_tokenizer(cfg.model), cfg),
+        f"injected, step 0 (init={cfg.init})": continuation(model_cfg, {**frozen, "embedding": pre}, tokenizer, cfg),
+        f"trained, step {run.final_step}": continuation(model_cfg, params, tokenizer, cfg),
+    }
+    return result
+
+
+_NEIGHBOUR_TITLES = {
+    "before": "before training", "after": "after training",
+    "before, centred": "before training, cosines centred on the base mean",
+    "after, centred": "after training, cosines centred on the base mean",
+}
+
+
+def write_reports(cfg: RealModelConfig, out: pathlib.Path, results: dict) -> None:
+    init_md, neigh_md, gen_md = [], [], [f"Prompt: `{cfg.prompt}`; greedy, repetition penalty {cfg.repetition_penalty}, "
+                                         f"{cfg.max_new_tokens} new tokens.\n"]
+    for mode, r in results.items():
+        rows = [[row["model"], f"{row['tokens']:,}", f"{row['nats_per_token']:.4f}", f"{row['nats_per_char']:.4f}"]
+                for row in r["init_table"]]
+        chars = r["init_table"][0]["chars"]
+        init_md.append(f"Injection `{mode}`: the first {cfg.eval_blocks} validation blocks, {chars:,} characters.\n\n"
+                       + _md_table(["model", "predicted tokens", "nats/token", "nats/char"], rows))
+        skipped = ", ".join(f"`{w}`" for w in r["neighbours"]["skipped"]) or "none"
+        neigh_md.append(f"Injection `{mode}`. Chosen words that are not new tokens (so not listed): {skipped}.\n")
+        for when, title in _NEIGHBOUR_TITLES.items():
+            neigh_md.append(f"Injection `{mode}`, {title} (5 nearest base tokens by cosine; Ġ is a leading space):\n\n"
+                            + _md_table(["segment", "word", "nearest base tokens (cosine)"], [
+                                [seg, f"`{word}`", ", ".join(f"`{t}` {c:.3f}" for t, c in r["neighbours"][when][word])]
+                                for seg, word, _ in r["neighbours"]["queries"]]))
+        gen_md += [f"## Injection `{mode}`: {who}\n\n```\n{cfg.prompt}{text}\n```\n" for who, text in r["generations"].items()]
+        shutil.copy(out / mode / "phase1" / "loss_table.md", out / f"loss_table_{mode}.md")
+        shutil.copy(out / mode / "phase1" / "loss_curve.png", out / f"loss_curve_{mode}.png")
+        shutil.copy(out / mode / "phase1" / "analysis" / "embedding_analysis.png", out / f"embedding_analysis_{mode}.png")
+    (out / "init_table.md").write_text("\n".join(init_md))
+    (out / "neighbours.md").write_text("\n".join(neigh_md))
+    (out / "generations.md").write_text("\n".join(gen_md))
+    (out / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(cfg), "results": results},
+                                                 indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    cfg = config_flags.config_from_flags(RealModelConfig)
+    logging.getLogger().setLevel(logging.INFO)
+    absl_logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+    out = pathlib.Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        results = {mode: run_mode(cfg, mode, out) for mode in _split(cfg.injections)}
+        write_reports(cfg, out, results)
+    except (ValueError, RuntimeError, OSError) as e:
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(1)
+    print(f"done: {out}")
+
+
+if __name__ == "__main__":
+    # Defined only when run, so importing this module (tests) defines no flags.
+    config_flags.define_flags(RealModelConfig)
+    app.run(main)

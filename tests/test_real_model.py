@@ -1,0 +1,140 @@
+"""The real launchers on the real SmolLM2-135M GGUF file and the whole Wake lexicon.
+
+One short Phase 1 run (`--model=FILE.gguf`, 3 steps of 2 x 64 tokens on the Wake's first
+pages) is shared by the module: its workdir must record the file's own sha256, its
+training must move the table, `export_hf` of it must give a directory transformers loads
+with logits equal to wake2vec's, and `experiments.generate --model=FILE.gguf` must run.
+Skipped when ../shared/data is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import export_hf
+from tests.conftest import REPO_ROOT, SHARED_DATA
+from tests.hf_oracle import hf_logits, transformers
+from wake2vec import checkpoint, convert, model
+
+GGUF = SHARED_DATA / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # PROVENANCE.md
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    if not GGUF.is_file():
+        pytest.skip(f"real model not found at {GGUF}")
+    root = tmp_path_factory.mktemp("real")
+    corpus = root / "wake_head.txt"
+    corpus.write_text((SHARED_DATA / "finnegans_wake.txt").read_text(encoding="utf-8")[:12_000], encoding="utf-8")
+    workdir = root / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.train_p1", f"--workdir={workdir}", f"--model={GGUF}", f"--corpus={corpus}",
+         f"--lexicon={SHARED_DATA / 'wake_lexicon.txt'}", "--seq_len=64", "--batch_size=1", "--grad_accum=2",
+         "--max_steps=3", "--eval_every=3", "--save_every=3", "--log_every=1", "--eval_blocks=2", "--remat=none",
+         "--analyze=false"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def test_phase1_run_on_the_gguf_file(real_run):
+    config = json.loads((real_run / "config.json").read_text())
+    assert config["source_hash"] == GGUF_SHA256 and config["model_source"] == str(GGUF.resolve())
+    assert config["vocab"] == {"base_size": 49_152, "lexicon_words": 44_990, "already_in_base": 574,
+                               "added": 44_416, "total": 93_568}
+    assert config["model"]["tie_word_embeddings"] and config["model"]["num_hidden_layers"] == 30
+    events = [json.loads(line) for line in (real_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["train_loss"] for e in events if "train_loss" in e]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    val = [e["val_loss"] for e in events if "val_loss" in e]
+    # The 4-bit instruct model on the Wake's opening: between a fluent-English loss (~3 nats)
+    # and a uniform guess over 93,568 tokens (11.4 nats).
+    assert len(val) == 2 and all(3.0 < v < 11.4 for v in val)
+    trained, _ = checkpoint.load_table(real_run)
+    assert np.abs(trained - np.load(real_run / "embeddings_pre.npy")).max() > 0
+
+
+def test_export_of_the_gguf_run_loads_in_transformers(real_run, tmp_path):
+    out = tmp_path / "exported"
+    export_hf.export(real_run, out)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = np.asarray([tokenizer("riverrun, past Eve and Adam's, from swerve of shore to bend of bay, brings us by a "
+                                "commodius vicus of recirculation back to Howth Castle and Environs.",
+                                add_special_tokens=False)["input_ids"]])
+    assert (ids >= 49_152).sum() >= 2  # Wake words went in as the new tokens
+    cfg, params, _ = checkpoint.load_params(real_run)
+    state = exported.state_dict()
+    for name, weight in convert.hf_state_dict(cfg, params).items():
+        np.testing.assert_array_equal(state[name].numpy(), weight, err_msg=name)
+    # The same float32 weights, so only summation order differs; on this 30-layer model with
+    # logits up to |37| that alone is ~1.2e-4 (test_gguf measures it against float64: both
+    # float32 forwards sit that far from the exact logits), hence 2e-4 rather than 1e-4.
+    np.testing.assert_allclose(hf_logits(exported, ids), np.asarray(model.forward(cfg, params, ids)), atol=2e-4, rtol=0)
+
+
+def test_generate_launcher_reads_the_gguf_file(tmp_path):
+    if not GGUF.is_file():
+        pytest.skip(f"real model not found at {GGUF}")
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", f"--workdir={tmp_path}", f"--model={GGUF}",
+         "--temperatures=0.7", "--max_new_tokens=8"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "generations.md").read_text()
+    assert "riverrun, past Eve and Adam's," in text and str(GGUF) in text
+
+
+def test_experiment_end_to_end_on_a_tiny_gguf_model(tmp_path):
+    """experiments.real_model's whole path (init table, run, neighbours, generations, reports),
+    on a tiny random GGUF model so that it costs seconds; the real run is the README's."""
+    from experiments import real_model
+    from tests.test_gguf import TOKENS, tiny_hf, write_gguf
+
+    gguf_path = write_gguf(tmp_path / "tiny.gguf", tiny_hf(num_hidden_layers=1))
+    words = ["thethe", "inthe", "hethin", "tinnet"]
+    rng = np.random.default_rng(0)
+    pieces = words + ["the", "in", "he", "net", "tin", "a", "is"]
+    (tmp_path / "corpus.txt").write_text(" ".join(rng.choice(pieces, 3000)), encoding="utf-8")
+    (tmp_path / "lexicon.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    cfg = real_model.RealModelConfig(
+        out=str(tmp_path / "out"), model=str(gguf_path), corpus=str(tmp_path / "corpus.txt"),
+        lexicon=str(tmp_path / "lexicon.txt"), start_marker="", seq_len=32, grad_accum=1, max_steps=4, eval_every=2,
+        log_every=2, eval_blocks=3, words="thethe,notaword", words_per_segment=1, prompt="the thin", max_new_tokens=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    results = {"reference": real_model.run_mode(cfg, "reference", out)}
+    real_model.write_reports(cfg, out, results)
+    rows = results["reference"]["init_table"]
+    assert [r["init"] for r in rows] == [None, "mean_noise", "spherical", "subword_mean", "hewitt"]
+    assert len({r["chars"] for r in rows}) == 1 and all(np.isfinite(r["nats_per_char"]) for r in rows)
+    # The span the base model is scored on is the text the injected model's blocks cover.
+    assert rows[1]["tokens"] == 3 * 31 and rows[0]["tokens"] > rows[1]["tokens"]
+    assert results["reference"]["neighbours"]["skipped"] == ["notaword"]
+    assert set(results["reference"]["generations"]) == {"base model", "injected, step 0 (init=mean_noise)", "trained, step 4"}
+    for name in ("init_table.md", "neighbours.md", "generations.md", "loss_table_reference.md", "loss_curve_reference.png",
+                 "embedding_analysis_reference.png", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "results.json").read_text())["settings"]["max_steps"] == 4
+    assert len(TOKENS) == results["reference"]["init_table"][1]["vocab"]["base_size"]
+
+
+def test_experiment_injection_modes_follow_train_config():
+    import dataclasses
+
+    from experiments import real_model
+    from wake2vec.config import TrainConfig
+
+    cfg = real_model.RealModelConfig()
+    assert real_model.train_config(cfg, "reference", "mean_noise", "w", 5).max_steps == 5
+    if "injection" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        assert real_model.train_config(cfg, "whole_word", "hewitt", "w", 5).injection == "whole_word"
+    else:
+        with pytest.raises(real_model.StudyError, match="--injections=whole_word"):
+            real_model.train_config(cfg, "whole_word", "hewitt", "w", 5)
