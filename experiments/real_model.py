@@ -31,16 +31,14 @@ import json
 import logging
 import pathlib
 import shutil
-import sys
 import tempfile
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
-from absl import logging as absl_logging
 
-from wake2vec import checkpoint, convert, data, flags as config_flags, generate, loop, prepare, train, vocab
+from wake2vec import checkpoint, convert, data, generate, launcher, loop, prepare, train, vocab
 from wake2vec.analysis import metrics
 from wake2vec.config import ModelConfig, TrainConfig
 from wake2vec.errors import UserError
@@ -52,6 +50,8 @@ SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 class RealModelConfig:
     """Settings of the real-model experiment; one field per flag."""
 
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("out", "model", "corpus", "lexicon")
+
     # Output directory: tables, figure, results.json, and one workdir per injection mode.
     out: str = "runs/real_model"
     # The model: a Llama .gguf file or HF checkpoint dir (default: SmolLM2-135M-Instruct Q4_1 in ../shared/data).
@@ -62,8 +62,8 @@ class RealModelConfig:
     lexicon: str = str(SHARED / "wake_lexicon.txt")
     # Start the corpus at this text, as the reference did.
     start_marker: str = "riverrun"
-    # Comma-separated injection modes; "reference" is add_tokens, others need TrainConfig.injection.
-    injections: str = "reference"
+    # Comma-separated injection modes: reference (the study's add_tokens) and/or whole_word.
+    injections: str = "reference,whole_word"
     # Comma-separated initialisers whose step-0 validation loss is tabulated.
     inits: str = "mean_noise,spherical,subword_mean,hewitt"
     # Initialiser of the Phase 1 run.
@@ -111,23 +111,21 @@ def _split(text: str) -> list[str]:
 
 
 def train_config(cfg: RealModelConfig, mode: str, init: str, workdir, max_steps: int) -> TrainConfig:
-    """The TrainConfig of one run; `injection` is set only where this build has the field."""
-    fields = dict(
+    """The TrainConfig of one run of injection `mode`."""
+    if mode not in vocab.INJECTION_MODES:
+        raise StudyError(f"--injections: unknown mode {mode!r}; choose from {', '.join(vocab.INJECTION_MODES)}")
+    return TrainConfig(
         workdir=str(workdir), model=cfg.model, corpus=cfg.corpus, lexicon=cfg.lexicon, start_marker=cfg.start_marker,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=max_steps, lr=cfg.lr,
         warmup_ratio=cfg.warmup_ratio, init=init, eval_every=cfg.eval_every, save_every=max(max_steps, 1),
-        log_every=cfg.log_every, eval_blocks=cfg.eval_blocks, remat=cfg.remat, seed=cfg.seed, keep=1,
+        log_every=cfg.log_every, eval_blocks=cfg.eval_blocks, remat=cfg.remat, seed=cfg.seed, keep=1, injection=mode,
     )
-    if "injection" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        fields["injection"] = mode
-    elif mode != "reference":
-        raise StudyError(f"--injections={mode}: this build of wake2vec has only the reference injection (add_tokens)")
-    return TrainConfig(**fields)
 
 
 @functools.lru_cache(maxsize=None)
 def _eval_fn(model_cfg: ModelConfig):
-    return jax.jit(train.make_eval_step(train.StepSettings(model_cfg, jnp.float32, "none", 1024)))
+    settings = train.StepSettings(model_cfg, jnp.float32, "none", 1024)
+    return jax.jit(lambda trainable, frozen, ids, weights: train.loss_sum_and_count(trainable, frozen, ids, weights, settings))
 
 
 def block_loss(model_cfg: ModelConfig, table: np.ndarray, frozen: dict, blocks: np.ndarray) -> tuple[float, int]:
@@ -281,24 +279,13 @@ def write_reports(cfg: RealModelConfig, out: pathlib.Path, results: dict) -> Non
                                                  indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-    cfg = config_flags.config_from_flags(RealModelConfig)
-    logging.getLogger().setLevel(logging.INFO)
-    absl_logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+def run(cfg: RealModelConfig) -> str:
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        results = {mode: run_mode(cfg, mode, out) for mode in _split(cfg.injections)}
-        write_reports(cfg, out, results)
-    except (ValueError, RuntimeError, OSError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        sys.exit(1)
-    print(f"done: {out}")
+    results = {mode: run_mode(cfg, mode, out) for mode in _split(cfg.injections)}
+    write_reports(cfg, out, results)
+    return f"done: {out}"
 
 
 if __name__ == "__main__":
-    # Defined only when run, so importing this module (tests) defines no flags.
-    config_flags.define_flags(RealModelConfig)
-    app.run(main)
+    launcher.launch(RealModelConfig, run, __doc__)

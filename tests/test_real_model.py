@@ -126,15 +126,11 @@ def test_experiment_end_to_end_on_a_tiny_gguf_model(tmp_path):
 
 
 def test_experiment_injection_modes_follow_train_config():
-    import dataclasses
-
     from experiments import real_model
-    from wake2vec.config import TrainConfig
 
     cfg = real_model.RealModelConfig()
-    assert real_model.train_config(cfg, "reference", "mean_noise", "w", 5).max_steps == 5
-    if "injection" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        assert real_model.train_config(cfg, "whole_word", "hewitt", "w", 5).injection == "whole_word"
-    else:
-        with pytest.raises(real_model.StudyError, match="--injections=whole_word"):
-            real_model.train_config(cfg, "whole_word", "hewitt", "w", 5)
+    for mode in ("reference", "whole_word"):
+        tc = real_model.train_config(cfg, mode, "hewitt", "w", 5)
+        assert (tc.injection, tc.init, tc.max_steps) == (mode, "hewitt", 5)
+    with pytest.raises(real_model.StudyError, match="--injections: unknown mode 'sideways'"):
+        real_model.train_config(cfg, "sideways", "hewitt", "w", 5)
