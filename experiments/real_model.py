@@ -151,6 +151,11 @@ def validation_span(cfg: RealModelConfig, prepared: prepare.PreparedRun, n_block
 
 def init_table(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> list[dict]:
     """Step-0 validation loss of every initialiser, and the base model's on the same text."""
+    # Preparing (max_steps=0) reads only the table rows; the body is read here, once.
+    base_cfg, base = convert.load_hf(cfg.model, as_numpy=True)
+    base_table = base.pop("embedding")
+    base = jax.tree_util.tree_map(jnp.asarray, base)
+    body = {name: value for name, value in base.items() if name != "lm_head"}  # the runs tie the head
     rows, span = [], None
     for init in _split(cfg.inits):
         logging.info("[%s] step-0 validation loss of init=%s", mode, init)
@@ -158,16 +163,13 @@ def init_table(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> list[dict]
             prepared = prepare.prepare(train_config(cfg, mode, init, scratch, max_steps=0))
         val = prepared.val_blocks[: cfg.eval_blocks]
         span = span if span is not None else validation_span(cfg, prepared, len(val))
-        frozen = jax.tree_util.tree_map(jnp.asarray, prepared.frozen)
-        nats, tokens = block_loss(prepared.model_cfg, prepared.trainable["embedding"], frozen, val)
+        nats, tokens = block_loss(prepared.model_cfg, prepared.trainable["embedding"], body, val)
         rows.append({"model": f"injected, init={init}", "init": init, "nats": nats, "tokens": tokens,
                      "vocab": prepared.vocab_stats.as_dict(), "data": prepared.corpus_stats.as_dict()})
     logging.info("[%s] the base model's loss on the same text (%d characters)", mode, len(span))
-    base_cfg, base = convert.load_hf(cfg.model, as_numpy=True)
     base_ids = data.tokenize_corpus(vocab.load_base_tokenizer(cfg.model), span)
     base_blocks = data.make_blocks(base_ids, cfg.seq_len)
-    table = base.pop("embedding")
-    nats, tokens = block_loss(base_cfg, table, jax.tree_util.tree_map(jnp.asarray, base), base_blocks)
+    nats, tokens = block_loss(base_cfg, base_table, base, base_blocks)
     rows.insert(0, {"model": "base model, before injection", "init": None, "nats": nats, "tokens": tokens,
                     "span_tokens": int(base_ids.size)})
     for row in rows:

@@ -165,12 +165,19 @@ def weight_files(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
     )
 
 
+def source_files(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The files that make a model source: config.json and the weights, or the one .gguf file."""
+    if gguf_model.is_gguf(ckpt_dir):
+        return [ckpt_dir]
+    return [ckpt_dir / "config.json", *weight_files(ckpt_dir)]
+
+
 def source_hash(ckpt_dir: pathlib.Path) -> str:
     """sha256 over the config and weight files' names and bytes: identifies a frozen body."""
     if gguf_model.is_gguf(ckpt_dir):
         return gguf_model.source_hash(ckpt_dir)
     digest = hashlib.sha256()
-    for f in [ckpt_dir / "config.json", *weight_files(ckpt_dir)]:
+    for f in source_files(ckpt_dir):
         digest.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
@@ -194,7 +201,7 @@ def read_config(ckpt_dir: pathlib.Path) -> ModelConfig:
 def _iter_tensors(files: list[pathlib.Path], names: frozenset[str] | None = None) -> Iterator[tuple[pathlib.Path, str, np.ndarray]]:
     for path in files:
         if gguf_model.is_gguf(path):
-            yield from ((path, name, arr) for name, arr in gguf_model.iter_tensors(path))
+            yield from ((path, name, arr) for name, arr in gguf_model.iter_tensors(path, names))
             continue
         if path.suffix == ".safetensors":
             for name, arr in _iter_safetensors(path, names):

@@ -187,13 +187,16 @@ def _hf_name(name: str, path) -> str:
     raise UnsupportedGGUFError(f"{path}: tensor {name!r} has no counterpart in wake2vec's Llama")
 
 
-def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, float32 array in HF's layout), one tensor at a time."""
+def iter_tensors(path: str | os.PathLike, names: frozenset[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 array in HF's layout), one tensor at a time; with `names`, only
+    those tensors (the others are never dequantized)."""
     from gguf import quants
 
     cfg = read_config(path)
     for tensor in _reader(str(path)).tensors:
         hf_name = _hf_name(tensor.name, path)
+        if names is not None and hf_name not in names:
+            continue
         qtype = tensor.tensor_type.name
         if qtype not in SUPPORTED_TYPES:
             raise UnsupportedGGUFError(

@@ -159,9 +159,9 @@ def _check_against_stored(stored: dict, cfg: TrainConfig, hashes: dict[str, str]
 
 def _source_hashes(workdir: pathlib.Path, model_dir: pathlib.Path, corpus: pathlib.Path, lexicon: pathlib.Path) -> dict[str, str]:
     """Content hashes of the three sources, each computed once per file state (cached)."""
-    body = [model_dir / "config.json", *convert.weight_files(model_dir)]
     return {
-        "source_hash": records.cached_digest(workdir, "source", body, lambda: convert.source_hash(model_dir)),
+        "source_hash": records.cached_digest(workdir, "source", convert.source_files(model_dir),
+                                             lambda: convert.source_hash(model_dir)),
         "corpus_hash": records.cached_digest(workdir, "corpus", [corpus], lambda: records.file_sha256(corpus)),
         "lexicon_hash": records.cached_digest(workdir, "lexicon", [lexicon], lambda: records.file_sha256(lexicon)),
     }
