@@ -282,9 +282,12 @@ def write_reports(cfg: RealModelConfig, out: pathlib.Path, results: dict) -> Non
 
 
 def run(cfg: RealModelConfig) -> str:
+    modes = _split(cfg.injections)
+    for mode in modes:  # every mode's settings checked before anything is written
+        train_config(cfg, mode, cfg.init, cfg.out, cfg.max_steps)
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {mode: run_mode(cfg, mode, out) for mode in _split(cfg.injections)}
+    results = {mode: run_mode(cfg, mode, out) for mode in modes}
     write_reports(cfg, out, results)
     return f"done: {out}"
 

@@ -74,11 +74,15 @@ _handler: logging.Handler | None = None
 
 
 def setup_logging(verbosity: int) -> None:
-    """One stderr handler on the root logger (replacing ours from an earlier call)."""
+    """One stderr handler on the root logger (replacing any earlier one).
+
+    A library that logged while it was imported (Orbax does, through absl) has already made
+    logging.basicConfig install a default handler, which would print every line twice.
+    """
     global _handler
     root = logging.getLogger()
-    if _handler is not None:
-        root.removeHandler(_handler)
+    for earlier in list(root.handlers):
+        root.removeHandler(earlier)
     _handler = logging.StreamHandler(sys.stderr)
     _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
     if verbosity <= 0:
