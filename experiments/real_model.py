@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec import checkpoint, convert, data, generate, launcher, loop, prepare, train, vocab
+from wake2vec import checkpoint, convert, data, generate, launcher, loop, prepare, train, vocab, workdir as records
 from wake2vec.analysis import metrics
 from wake2vec.config import ModelConfig, TrainConfig
 from wake2vec.errors import UserError
@@ -203,10 +203,12 @@ def neighbours(table: np.ndarray, base_size: int, queries, tokenizer, *, centred
             for (_, word, _), row_ids, row_cos in zip(queries, ids, cosines)}
 
 
-def continuation(model_cfg, params, tokenizer, cfg: RealModelConfig) -> str:
+def continuation(model_cfg, params, tokenizer, cfg: RealModelConfig) -> tuple[str, list[int]]:
+    """(text, ids) of the greedy continuation of the prompt."""
     prompt = np.asarray([tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]])
     out = generate.generate(model_cfg, params, prompt, cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty)
-    return tokenizer.decode(np.asarray(out)[0, prompt.shape[1]:])
+    ids = [int(i) for i in np.asarray(out)[0, prompt.shape[1]:]]
+    return tokenizer.decode(ids), ids
 
 
 def _md_table(header: list[str], rows: list[list]) -> str:
@@ -239,12 +241,55 @@ def run_mode(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> dict:
         result["neighbours"][f"{when}, centred"] = neighbours(table, base_size, queries, tokenizer, centred=True)
     base_cfg, base_params = convert.load_hf(cfg.model)
     frozen = {k: v for k, v in params.items() if k != "embedding"}
-    result["generations"] = {
+    continuations = {
         "base model": continuation(base_cfg, base_params, vocab.load_base_tokenizer(cfg.model), cfg),
         f"injected, step 0 (init={cfg.init})": continuation(model_cfg, {**frozen, "embedding": pre}, tokenizer, cfg),
         f"trained, step {run.final_step}": continuation(model_cfg, params, tokenizer, cfg),
     }
+    result["generations"] = {who: text for who, (text, _) in continuations.items()}
+    result["where_the_loss_goes"] = {
+        "validation": {when: {key: value for key, value in event.items() if key.startswith("val_")}
+                       for when, event in _first_and_last_eval(workdir).items()},
+        "source_rank": {group: {when: section[when] for when in ("pre", "post")}
+                        for group, section in summary["source_rank"].items()},
+        "new_token_share": {who: generate.new_token_usage(ids, base_size)["share_new"]
+                            for who, (_, ids) in continuations.items()},
+    }
     return result
+
+
+def _first_and_last_eval(workdir: pathlib.Path) -> dict[str, dict]:
+    evals = [event for event in records.read_metrics(workdir) if "val_loss" in event]
+    return {f"step {evals[0]['step']}": evals[0], f"step {evals[-1]['step']}": evals[-1]}
+
+
+def _loss_cell(fields: dict, suffix: str) -> str:
+    loss = fields.get(f"val_loss{suffix}")
+    return "n/a" if loss is None else f"{loss:.4f} ({fields[f'val_tokens{suffix}']:,})"
+
+
+def _rank_cell(summary: dict | None) -> str:
+    return "n/a" if summary is None else f"{summary['median_rank']:g} ({summary['share_top50']:.1%})"
+
+
+def where_the_loss_goes(results: dict) -> str:
+    """Issue 21's figures for each mode: validation loss by target type at the first and last
+    eval, source ranks before and after, and the share of new tokens in each generation."""
+    rows, ranks, shares = [], [], []
+    for mode, r in results.items():
+        where = r["where_the_loss_goes"]
+        rows += [[f"`{mode}`", when, _loss_cell(f, ""), _loss_cell(f, "_new"), _loss_cell(f, "_base"),
+                  _loss_cell(f, "_resegmented")] for when, f in where["validation"].items()]
+        ranks += [[f"`{mode}`", group, _rank_cell(s["pre"]), _rank_cell(s["post"])]
+                  for group, s in where["source_rank"].items()]
+        shares += [[f"`{mode}`", who, "n/a" if share is None else f"{share:.1%}"]
+                   for who, share in where["new_token_share"].items()]
+    return ("Validation loss (nats/token, with the number of predicted tokens) by target type:\n\n"
+            + _md_table(["injection", "eval", "all", "new (Wake) targets", "base targets", "re-segmented words"], rows)
+            + "\nRank of the English source among each Wake word's nearest base tokens: median (share in the top 50):\n\n"
+            + _md_table(["injection", "pairs", "before training", "after training"], ranks)
+            + "\nShare of new (Wake) tokens in the greedy continuations:\n\n"
+            + _md_table(["injection", "model", "new tokens"], shares))
 
 
 _NEIGHBOUR_TITLES = {
@@ -275,6 +320,7 @@ def write_reports(cfg: RealModelConfig, out: pathlib.Path, results: dict) -> Non
         shutil.copy(out / mode / "phase1" / "loss_curve.png", out / f"loss_curve_{mode}.png")
         shutil.copy(out / mode / "phase1" / "analysis" / "embedding_analysis.png", out / f"embedding_analysis_{mode}.png")
     (out / "init_table.md").write_text("\n".join(init_md))
+    (out / "where_the_loss_goes.md").write_text(where_the_loss_goes(results))
     (out / "neighbours.md").write_text("\n".join(neigh_md))
     (out / "generations.md").write_text("\n".join(gen_md))
     (out / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(cfg), "results": results},

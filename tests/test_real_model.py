@@ -19,7 +19,7 @@ import pytest
 from experiments import export_hf
 from tests.conftest import REPO_ROOT, SHARED_DATA
 from tests.hf_oracle import hf_logits, transformers
-from wake2vec import checkpoint, convert, model
+from wake2vec import checkpoint, convert, model, workdir as records
 
 GGUF = SHARED_DATA / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # PROVENANCE.md
@@ -123,6 +123,15 @@ def test_experiment_end_to_end_on_a_tiny_gguf_model(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "results.json").read_text())["settings"]["max_steps"] == 4
     assert len(TOKENS) == results["reference"]["init_table"][1]["vocab"]["base_size"]
+    # Where the loss goes: the run's own first and last eval events, by target type.
+    where = results["reference"]["where_the_loss_goes"]
+    events = [e for e in records.read_metrics(out / "reference" / "phase1") if "val_loss" in e]
+    assert list(where["validation"]) == ["step 0", "step 4"]
+    assert where["validation"]["step 4"]["val_loss_new"] == events[-1]["val_loss_new"]
+    assert where["validation"]["step 0"]["val_tokens"] == events[0]["val_tokens_new"] + events[0]["val_tokens_base"]
+    assert where["new_token_share"]["base model"] == 0.0  # the base vocabulary has no new ids
+    table = (out / "where_the_loss_goes.md").read_text()
+    assert f"{events[-1]['val_loss']:.4f} ({events[-1]['val_tokens']:,})" in table
 
 
 def test_experiment_injection_modes_follow_train_config():
