@@ -138,13 +138,12 @@ def wake2vec_step(inputs: dict, remat: str):
     return run, compiled
 
 
-def step_flops(shape: dict, remat: str) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) of one embedding-only step, matmuls only.
+def step_flops_parts(shape: dict) -> tuple[float, float, float]:
+    """(body forward, head with both gradients, whole step) model FLOPs of one step, matmuls only.
 
     Model FLOPs (what MFU is quoted on): the forward pass; the backward pass's activation
     gradients through the frozen body (no weight gradients: it is not differentiated);
-    and both gradients of the head (it is the trained table). Hardware FLOPs add the
-    forward recomputation that remat="full" performs in the backward pass.
+    and both gradients of the head (it is the trained table).
     """
     d, f, layers, seq = shape["hidden"], shape["mlp"], shape["layers"], shape["seq"]
     head_dim = d // shape["heads"]
@@ -154,9 +153,17 @@ def step_flops(shape: dict, remat: str) -> tuple[float, float]:
     forward = 2 * body + attention + 2 * head
     backward = 2 * body + 2 * attention + 2 * head + 2 * head
     tokens = shape["batch"] * shape["accum"] * seq
-    model = (forward + backward) * tokens
-    recompute = (2 * body + attention) * tokens if remat != "none" else 0
-    return model, model + recompute
+    return (2 * body + attention) * tokens, 6 * head * tokens, (forward + backward) * tokens
+
+
+def step_flops(shape: dict, remat: str) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one embedding-only step, matmuls only.
+
+    Hardware FLOPs add the forward recomputation that remat="full" performs in the
+    backward pass (HF's gradient checkpointing performs the same).
+    """
+    body_forward, _, model = step_flops_parts(shape)
+    return model, model + (body_forward if remat != "none" else 0)
 
 
 def describe_compiled(compiled, shape: dict, remat: str) -> str:
@@ -287,7 +294,7 @@ def benchmark_policy(name: str, shape: dict, remat: str, ours, theirs) -> None:
     print(f"wake2vec: {flops / 1e9:.1f} GFLOP model FLOPs per step ({hardware / 1e9:.1f} with recompute), "
           f"{achieved / 1e9:.1f} GFLOP/s achieved; float32 matmul peak measured now {peak / 1e9:.1f} GFLOP/s "
           f"-> MFU {achieved / peak:.0%}; per CPU-second {per_cpu / 1e9:.1f} of {peak_per_cpu / 1e9:.1f} GFLOP "
-          f"-> {per_cpu / peak_per_cpu:.0%}")
+          f"-> {per_cpu / peak_per_cpu:.0%}", flush=True)
 
 
 def main(argv):
