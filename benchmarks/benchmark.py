@@ -80,8 +80,9 @@ def _model_config(shape: dict):
 def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> tuple[float, float]:
     """Float32 matmul rate of this machine through XLA: (FLOP per wall second, per CPU-second).
 
-    The 'peak' MFU is measured against, taken in the same run as the steps so that both see
-    the same machine load; the per-CPU-second figure is the one a busy machine leaves honest.
+    The 'peak' MFU is measured against. The benchmark samples it between the steps it times
+    (a few products per round), so that the peak sees the same machine load as the steps;
+    the per-CPU-second figure is the one a busy machine leaves honest.
     """
     import jax
     import jax.numpy as jnp
@@ -270,7 +271,8 @@ def benchmark_policy(name: str, shape: dict, remat: str, ours, theirs) -> None:
     repeats = _REPEATS.value or shape.get("repeats", 7)
     walls: dict[str, list[float]] = {name: [] for name in contenders}
     cpus: dict[str, list[float]] = {name: [] for name in contenders}
-    start = _machine_jiffies()
+    peaks = []
+    start, own_cpu = _machine_jiffies(), time.process_time()
     for _ in range(repeats):
         for contender, run in contenders.items():  # alternate, so noise hits both alike
             time.sleep(_GAP.value)  # let the other contender's worker threads go idle
@@ -278,11 +280,12 @@ def benchmark_policy(name: str, shape: dict, remat: str, ours, theirs) -> None:
             run()
             walls[contender].append(time.perf_counter() - wall)
             cpus[contender].append(time.process_time() - cpu)
-    end = _machine_jiffies()
-    peak, peak_per_cpu = matmul_peak_flops()
+        peaks.append(matmul_peak_flops(repeats=3))  # the peak under the same load, round by round
+    end, own_cpu = _machine_jiffies(), time.process_time() - own_cpu
+    peak, peak_per_cpu = (statistics.median(p) for p in zip(*peaks))
     print(f"[{name}, remat={remat} vs {'HF gradient checkpointing' if remat != 'none' else 'no checkpointing'}, "
           f"{repeats} alternating repeats]")
-    print(load_report(start, end, sum(sum(c) for c in cpus.values())))
+    print(load_report(start, end, own_cpu))
     for contender in contenders:
         print(_summary(contender, walls[contender], cpus[contender], tokens))
     med = {c: (statistics.median(walls[c]), statistics.median(cpus[c])) for c in contenders}
