@@ -15,8 +15,9 @@ where wall time does not. The parts, in the order the step runs them:
 * the body forward and backward to the table, per remat policy (the backward pass carries
   activation gradients only: the body is frozen);
 * the head: the fused chunked cross-entropy with both of its gradients;
-* the whole step per remat policy (benchmarks.benchmark's contender); what the parts leave
-  unexplained is the optimiser, the scatter of the lookup's gradient and the finite checks.
+* the whole step per remat policy (benchmarks.benchmark's contender). The parts are
+  compiled apart, so they need not add up to it exactly: inside the step XLA schedules and
+  fuses across their boundaries, and the step adds the optimiser and the finite checks.
 
 GFLOP per CPU-second is quoted against the float32 matmul rate measured in the same run
 (benchmarks.benchmark.matmul_peak_flops), as the benchmark quotes MFU.
