@@ -7,10 +7,9 @@ Each part is jitted on its own and timed in CPU-seconds (the process's, every th
 included), the median of `--part_repeats`, so that the figures add up on a shared machine
 where wall time does not. The parts, in the order the step runs them:
 
-* one body matmul at the shape (tokens x hidden @ hidden x MLP) from a whole matrix, then
-  the same 22 times from a stacked (layers, hidden, MLP) array inside a `lax.scan`, which
-  slices (copies) each layer's matrix per iteration as the layer scan does: their difference
-  is the cost of the slicing;
+* the body matmul at the shape (tokens x hidden @ hidden x MLP), 22 times in a `lax.scan`:
+  once from one whole matrix, once from a stacked (layers, hidden, MLP) array sliced per
+  iteration as the layer scan slices its weights: their difference is the cost of slicing;
 * the body forward (embedding lookup, scanned layers, final norm);
 * the body forward and backward to the table, per remat policy (the backward pass carries
   activation gradients only: the body is frozen);
@@ -70,12 +69,16 @@ def main(argv):
     x = jax.random.normal(key, (tokens, d))
     stacked = 0.02 * jax.random.normal(key, (layers, d, f))
     matmul = 2 * tokens * d * f
-    report("one body matmul, whole matrix", cpu_seconds(lambda x, w: x @ w, x, stacked[0]), matmul)
 
-    def scanned(x, ws):  # the carry keeps each iteration dependent on the last, as the layers are
-        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w)[:, :d], None), x, ws)[0]
+    def layer(h, w):  # the carry keeps each iteration dependent on the last, as the layers are
+        return jnp.tanh(h @ w)[:, :d], None
 
-    report(f"{layers} body matmuls, sliced from the stacked layers", cpu_seconds(scanned, x, stacked), layers * matmul)
+    def whole(x, ws):
+        return jax.lax.scan(lambda h, _: layer(h, ws[0]), x, None, length=layers)[0]
+
+    report(f"{layers} body matmuls in a scan, one whole matrix", cpu_seconds(whole, x, stacked), layers * matmul)
+    report(f"{layers} body matmuls in a scan, sliced from the stack",
+           cpu_seconds(lambda x, ws: jax.lax.scan(layer, x, ws)[0], x, stacked), layers * matmul)
     del stacked
 
     inputs = benchmark.wake2vec_inputs(shape)
