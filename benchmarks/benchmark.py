@@ -100,12 +100,13 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> tuple[float, float
 
 
 def wake2vec_inputs(shape: dict):
-    """(state, frozen, batch, settings builder, tx, schedule) for the shape; shared by every policy."""
+    """The model config, trainable and frozen weights, optimiser, schedule and token batch
+    for the shape: built once, shared by every remat policy's compiled step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from wake2vec import model, optim, padding, parallel, train
+    from wake2vec import model, optim, padding, parallel
     from wake2vec.config import TrainConfig, dtype_from_name
 
     cfg = _model_config(shape)
