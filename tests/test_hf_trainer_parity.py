@@ -109,7 +109,7 @@ def test_phase1_run_matches_the_hf_trainer_recipe(tmp_path, case):
     cfg = TrainConfig(workdir=str(tmp_path / "run"), **sources, seq_len=SEQ_LEN, val_fraction=0.2,
                       batch_size=2, grad_accum=4, max_steps=STEPS, lr=LR, warmup_ratio=WARMUP_RATIO,
                       clip_norm=0.5, log_every=1, eval_every=STEPS, save_every=STEPS, analyze=False,
-                      loss_chunk=32, **CASES[case])
+                      loss_chunk=32, injection="reference", **CASES[case])  # the study's add_tokens
     loop.run(cfg)
     workdir = pathlib.Path(cfg.workdir)
     record = json.loads((workdir / "config.json").read_text())

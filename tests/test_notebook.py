@@ -52,7 +52,7 @@ def test_the_notebook_runs_top_to_bottom_on_the_demo(tmp_path):
         assert skipped in printed
     assert f"done: {workdir} at step 4" in printed
     for produced in ("loss_curve.png", "loss_table.md", "analysis/summary.json", "analysis/embedding_analysis.png",
-                     "tensorboard/projector_config.pbtxt", "tensorboard/metadata.tsv", "generations.md",
+                     "tensorboard/projector_config.pbtxt", "tensorboard/metadata.tsv", "generations.md", "generations_notebook.md",
                      "generations.json"):
         assert (workdir / produced).is_file(), produced
     events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

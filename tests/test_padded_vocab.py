@@ -50,6 +50,7 @@ def test_new_rows_in_the_padding_range_are_initialised_trained_and_exported(tmp_
     cfg = TrainConfig(workdir=str(tmp_path / "run"), model=str(source), corpus=str(SAMPLE_TEXT), lexicon=str(lexicon),
                       seq_len=32, max_steps=0, mask_base_rows=True, optimizer="adamw", clip_norm=0.0)
     run = prepare.prepare(cfg)
+    body = prepare.read_frozen_body(source, "float32")  # --max_steps=0 prepares without reading it
     stats, table = run.vocab_stats, run.trainable["embedding"]
     assert stats.base_size == base and stats.added > PADDING  # new ids both inside and past the old padding
     assert table.shape == (base + stats.added, hf.config.hidden_size) and run.model_cfg.vocab_size == table.shape[0]
@@ -67,13 +68,13 @@ def test_new_rows_in_the_padding_range_are_initialised_trained_and_exported(tmp_
     tx = optim.make_optimizer(dataclasses.replace(cfg, lr=1e-2, warmup_ratio=0.0), stats.base_size)
     step = jax.jit(train.make_train_step(tx, lambda _: 1e-2, train.StepSettings(run.model_cfg, loss_chunk=64)))
     trainable = jax.tree_util.tree_map(jnp.asarray, run.trainable)
-    frozen = jax.tree_util.tree_map(jnp.asarray, run.frozen)
+    frozen = jax.tree_util.tree_map(jnp.asarray, body)
     state, _ = step(train.init_state(trainable, frozen, tx), frozen, jnp.asarray(run.train_blocks[None, :2]))
     moved = np.abs(np.asarray(state.trainable["embedding"]) - table).max(axis=1)
     assert np.all(moved[:base] == 0) and np.all(moved[base:] > 0)
 
     # Export: the shape and base rows transformers' own resize gives the source model.
-    trained = {**run.frozen, "embedding": np.asarray(state.trainable["embedding"])}
+    trained = {**body, "embedding": np.asarray(state.trainable["embedding"])}
     out = convert.save_hf(run.model_cfg, trained, tmp_path / "out")
     exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     hf.resize_token_embeddings(len(run.tokenizer))
