@@ -79,8 +79,9 @@ def family(tokenizer) -> str:
     pre, norm = spec.get("pre_tokenizer"), spec.get("normalizer")
     if pre is None and SP_MARKER in json.dumps(norm, ensure_ascii=False):
         return SENTENCEPIECE
-    if pre is not None and pre.get("type") == "ByteLevel":
-        if pre.get("add_prefix_space") or not pre.get("use_regex", True):
+    byte_level = _byte_level_step(pre)
+    if byte_level is not None:
+        if byte_level.get("add_prefix_space") or not byte_level.get("use_regex", True):
             raise WholeWordError(
                 "--injection=whole_word supports a ByteLevel pre-tokenizer with add_prefix_space=false and "
                 f"use_regex=true; this tokenizer has {pre}. Use --injection=reference"
@@ -91,6 +92,20 @@ def family(tokenizer) -> str:
         f"pre-tokenizer) and byte-level BPE; this tokenizer has pre_tokenizer {pre} and normalizer {norm}. "
         "Use --injection=reference"
     )
+
+
+def _byte_level_step(pre: dict | None) -> dict | None:
+    """The ByteLevel step of a byte-level pipeline: ByteLevel alone, or after single-digit
+    splitting (Digits(individual_digits=True), as SmolLM2's GGUF "smollm" pre-tokenizer has it)."""
+    if pre is None:
+        return None
+    if pre.get("type") == "ByteLevel":
+        return pre
+    steps = pre.get("pretokenizers") or []
+    if (pre.get("type") == "Sequence" and len(steps) == 2 and steps[1].get("type") == "ByteLevel"
+            and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")):
+        return steps[1]
+    return None
 
 
 def split_pattern(kind: str) -> str:
@@ -121,8 +136,10 @@ def _pre_tokenizer_spec(kind: str, base_spec: dict) -> dict:
     # after such a contraction, where the base cuts it.
     contraction = {"type": "Split", "pattern": {"Regex": _CONTRACTION_BEFORE_LETTER}, "behavior": "MergedWithPrevious",
                    "invert": False}
-    byte_level = dict(base_spec, use_regex=False)
-    return {"type": "Sequence", "pretokenizers": [split, contraction, byte_level]}
+    byte_level = dict(_byte_level_step(base_spec), use_regex=False)
+    # Digits split off before anything else, as in the base; lexicon words hold no digits.
+    digits = base_spec["pretokenizers"][:1] if base_spec.get("type") == "Sequence" else []
+    return {"type": "Sequence", "pretokenizers": [*digits, split, contraction, byte_level]}
 
 
 def corpus_forms(kind: str, pre_tokenizer_spec: dict, normalizer, text: str, lexicon: set[str]) -> list[tuple[str, bool]]:
