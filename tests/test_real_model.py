@@ -37,7 +37,7 @@ def real_run(tmp_path_factory):
         [sys.executable, "-m", "experiments.train_p1", f"--workdir={workdir}", f"--model={GGUF}", f"--corpus={corpus}",
          f"--lexicon={SHARED_DATA / 'wake_lexicon.txt'}", "--seq_len=64", "--batch_size=1", "--grad_accum=2",
          "--max_steps=3", "--eval_every=3", "--save_every=3", "--log_every=1", "--eval_blocks=2", "--remat=none",
-         "--analyze=false"],
+         "--analyze=false", "--injection=reference"],  # the study's add_tokens, whose figures the issue quotes
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir
@@ -46,8 +46,10 @@ def real_run(tmp_path_factory):
 def test_phase1_run_on_the_gguf_file(real_run):
     config = json.loads((real_run / "config.json").read_text())
     assert config["source_hash"] == GGUF_SHA256 and config["model_source"] == str(GGUF.resolve())
-    assert config["vocab"] == {"base_size": 49_152, "lexicon_words": 44_990, "already_in_base": 574,
-                               "added": 44_416, "total": 93_568}
+    vocab = config["vocab"]
+    assert {k: vocab[k] for k in ("injection", "base_size", "lexicon_words", "already_in_base", "added", "total")} == {
+        "injection": "reference", "base_size": 49_152, "lexicon_words": 44_990, "already_in_base": 574,
+        "added": 44_416, "total": 93_568}
     assert config["model"]["tie_word_embeddings"] and config["model"]["num_hidden_layers"] == 30
     events = [json.loads(line) for line in (real_run / "metrics.jsonl").read_text().splitlines()]
     losses = [e["train_loss"] for e in events if "train_loss" in e]
