@@ -39,13 +39,14 @@ def run(mesh_spec: str, devices) -> tuple[list[float], np.ndarray, np.ndarray]:
     batch_sharding = parallel.batch_sharding(mesh, 3, 1)
     state = jax.device_put(state, state_sharding)
     frozen = jax.device_put(frozen, frozen_sharding)
-    step = parallel.under_mesh(parallel.jit_train_step(
+    step = parallel.jit_train_step(
         train.make_train_step(tx, optim.make_schedule(TC), train.StepSettings(CFG, loss_chunk=64)),
-        mesh, state_sharding, frozen_sharding), mesh)
+        mesh, state_sharding, frozen_sharding)
     losses = []
     for seed in range(3):
         batch = np.random.default_rng(seed).integers(0, 300, (2, 8, 33)).astype(np.int32)
-        state, metrics = step(state, frozen, jax.device_put(batch, batch_sharding))
+        with jax.set_mesh(mesh):  # traced with the mesh in context, as wake2vec.loop lowers it
+            state, metrics = step(state, frozen, jax.device_put(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
     assert state.trainable["embedding"].sharding.spec == jax.sharding.PartitionSpec("model", None)
     if len(devices) > 1:

@@ -209,7 +209,8 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     # On every start, also before any commit: what follows `start` is re-logged identically.
     records.truncate_metrics(workdir, start)
     hosts.barrier("metrics truncated")  # every process reads metrics.jsonl as the writer left it
-    scalars = hosts.writer_only(tboard.ScalarWriter)(workdir, records.read_metrics(workdir))  # None elsewhere
+    history = records.read_metrics(workdir)
+    scalars = hosts.writer_only(tboard.ScalarWriter)(workdir, history)  # None elsewhere
 
     def log_event(event: dict) -> None:
         records.append_metrics(workdir, event)
@@ -255,7 +256,7 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     progress = _Progress(cfg, tokens_per_step, compile_s)
     last_val = None
-    if start == 0 and not records.read_metrics(workdir):
+    if start == 0 and not history:
         fields, eval_s = _timed(evaluate, state.trainable)
         last_val = fields["val_loss"]
         log_event({**progress.note_eval(0, last_val, eval_s), **fields})

@@ -24,7 +24,6 @@ why no statistic sees them.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import jax
@@ -124,18 +123,6 @@ def frozen_sharding(tree, mesh: Mesh):
     return jax.tree_util.tree_map(rule, tree)
 
 
-def under_mesh(fn, mesh: Mesh):
-    """`fn` (a jitted step) called, and so traced, with `mesh` in context: the context is
-    how `gather_weights`, deep inside the model, knows which mesh to gather over."""
-
-    @functools.wraps(fn)
-    def in_context(*args, **kwargs):
-        with jax.set_mesh(mesh):
-            return fn(*args, **kwargs)
-
-    return in_context
-
-
 def shard_loss_chunk(hidden: jax.Array) -> jax.Array:
     """One chunk of the loss's hidden states (tokens, D), its tokens split over 'data' only.
 
@@ -194,7 +181,7 @@ def state_sharding(abstract_state, mesh: Mesh, rows: int):
 def jit_train_step(step_fn, mesh: Mesh, state_shardings, frozen_shardings):
     """`train_step(state, frozen, batch (accum, B, T))` jitted with the run's shardings.
 
-    Call it (or `.lower` it) inside `jax.set_mesh(mesh)` (see `under_mesh`), so the body's
+    Call it (or `.lower` it) inside `jax.set_mesh(mesh)`, so the body's
     per-layer gathers are traced.
     """
     return jax.jit(
