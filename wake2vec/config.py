@@ -391,37 +391,22 @@ DEMO_SOURCE = "demo"
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a Phase 1 run; one field per flag of experiments/train_p1.py.
+class RunConfig:
+    """The settings every training phase shares: the loop, the optimiser, the mesh, the dtypes.
 
-    Defaults reproduce the reference run (../shared/ORIGINAL.md): TinyLlama's recipe of
-    256-token blocks, 1 x 16 accumulation, Adafactor at 5e-4, 3,000 steps, tied table,
-    all rows training. `model="demo"` runs the embedded demo instead of a real checkpoint.
+    Each phase's config (TrainConfig for Phase 1, Phase2Config, Phase3Config) adds its own
+    fields and may redeclare a default here (a redeclared field keeps its place). Defaults
+    are Phase 1's recipe.
     """
 
     # Fields holding paths: the launcher expands their `~`.
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "model", "tokenizer", "corpus", "lexicon")
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir",)
+    # Whether the optimiser keeps the table's base rows exactly fixed: Phase 1 makes it a
+    # flag (a field of the same name), Phase 3 always does, Phase 2 trains no row.
+    mask_base_rows: ClassVar[bool] = False
 
     # Run directory: config, tokenizer, checkpoints, metrics, analysis all go here.
     workdir: str = "runs/demo"
-    # HF hub id, local checkpoint dir or Llama .gguf file; "demo" builds a seeded random Llama in the workdir.
-    model: str = DEMO_SOURCE
-    # Tokenizer dir or tokenizer.json; empty means the one beside the model (a .gguf file: its own).
-    tokenizer: str = ""
-    # UTF-8 training text; empty means the bundled sample (demo only).
-    corpus: str = ""
-    # One word per line; empty means build one from the corpus (demo only).
-    lexicon: str = ""
-    # Strip Gutenberg-style *** START/END *** banners before tokenizing.
-    strip_banners: bool = True
-    # Start the corpus at the first occurrence of this text (the reference used "riverrun"); empty: no anchor.
-    start_marker: str = ""
-    # Tokens per block (non-overlapping).
-    seq_len: int = 256
-    # Fraction of blocks (the last ones) held out for validation.
-    val_fraction: float = 0.1
-    # Shuffle blocks with this seed before the split; negative keeps text order (the reference).
-    split_shuffle_seed: int = -1
     # Blocks per microbatch (split over every device; a multiple of the device count).
     batch_size: int = 1
     # Microbatches accumulated per optimizer step (scanned inside the jitted step).
@@ -440,21 +425,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Global-norm gradient clip; 0 disables.
     clip_norm: float = 1.0
-    # Keep the base vocabulary's rows exactly fixed (the reference run left this off).
-    mask_base_rows: bool = False
-    # One unified matrix for input embedding and LM head (the reference); False keeps the head and trains both.
-    tie_embeddings: bool = True
-    # Lexicon injection: whole_word (a new token only for a whole word; every other word keeps
-    # the base segmentation) | reference (the study's add_tokens, which also matches inside words).
-    injection: str = "whole_word"
-    # New-row initialiser: mean_noise | spherical | subword_mean | hewitt.
-    init: str = "mean_noise"
-    # mean_noise: noise scale in units of the base per-dimension std.
-    init_noise_scale: float = 0.1
-    # spherical: radius in units of the base radius (std x sqrt(dim)).
-    init_sphere_factor: float = 1.5
-    # hewitt: covariance scale eps.
-    init_hewitt_eps: float = 1e-5
     # Validation loss every N steps (and at the last step).
     eval_every: int = 100
     # Checkpoint every N steps (and at the last step).
@@ -465,6 +435,8 @@ class TrainConfig:
     keep: int = 3
     # Save the table alone as npy every N steps for trajectory analysis; 0 disables.
     snapshot_every: int = 0
+    # Stop after this many evaluations without a new lowest validation loss (the LM loss alone); 0 never stops early. The count resumes from metrics.jsonl.
+    early_stop_patience: int = 0
     # Seeds the new-row init and the batch order; every key is fold_in(seed, step).
     seed: int = 0
     # Device mesh 'data,model', e.g. "1,8" or "2,4": the table is split over 'model', the batch and body over all; empty: all on 'model'.
@@ -495,3 +467,50 @@ class TrainConfig:
     allow_config_change: bool = False
     # What a changed --max_steps does to the lr schedule of an existing run: restart (the added steps get their own warmup and decay) | stretch (the schedule recomputed for the new --max_steps, the lr jumps); required then.
     extend_schedule: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """Every setting of a Phase 1 run; one field per flag of experiments/train_p1.py.
+
+    Defaults reproduce the reference run (../shared/ORIGINAL.md): TinyLlama's recipe of
+    256-token blocks, 1 x 16 accumulation, Adafactor at 5e-4, 3,000 steps, tied table,
+    all rows training. `model="demo"` runs the embedded demo instead of a real checkpoint.
+    The loop's settings are RunConfig's.
+    """
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "model", "tokenizer", "corpus", "lexicon")
+
+    # HF hub id, local checkpoint dir or Llama .gguf file; "demo" builds a seeded random Llama in the workdir.
+    model: str = DEMO_SOURCE
+    # Tokenizer dir or tokenizer.json; empty means the one beside the model (a .gguf file: its own).
+    tokenizer: str = ""
+    # UTF-8 training text; empty means the bundled sample (demo only).
+    corpus: str = ""
+    # One word per line; empty means build one from the corpus (demo only).
+    lexicon: str = ""
+    # Strip Gutenberg-style *** START/END *** banners before tokenizing.
+    strip_banners: bool = True
+    # Start the corpus at the first occurrence of this text (the reference used "riverrun"); empty: no anchor.
+    start_marker: str = ""
+    # Tokens per block (non-overlapping).
+    seq_len: int = 256
+    # Fraction of blocks (the last ones) held out for validation.
+    val_fraction: float = 0.1
+    # Shuffle blocks with this seed before the split; negative keeps text order (the reference).
+    split_shuffle_seed: int = -1
+    # Keep the base vocabulary's rows exactly fixed (the reference run left this off).
+    mask_base_rows: bool = False
+    # One unified matrix for input embedding and LM head (the reference); False keeps the head and trains both.
+    tie_embeddings: bool = True
+    # Lexicon injection: whole_word (a new token only for a whole word; every other word keeps
+    # the base segmentation) | reference (the study's add_tokens, which also matches inside words).
+    injection: str = "whole_word"
+    # New-row initialiser: mean_noise | spherical | subword_mean | hewitt.
+    init: str = "mean_noise"
+    # mean_noise: noise scale in units of the base per-dimension std.
+    init_noise_scale: float = 0.1
+    # spherical: radius in units of the base radius (std x sqrt(dim)).
+    init_sphere_factor: float = 1.5
+    # hewitt: covariance scale eps.
+    init_hewitt_eps: float = 1e-5

@@ -21,18 +21,23 @@ _FIELD_LINE = re.compile(r"^\s{4}(\w+):\s*[\w\[\]|. ]+=")
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Maps each field to the comment block written directly above it in the class body."""
+    """Maps each field to the comment block written directly above it in the class body.
+
+    Base dataclasses are read first, so a phase's config inherits the shared fields' help
+    and a field it redeclares (another default) takes its own comment.
+    """
     helps: dict[str, str] = {}
-    pending: list[str] = []
-    for line in inspect.getsource(cls).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            pending.append(stripped.lstrip("# ").strip())
-            continue
-        match = _FIELD_LINE.match(line)
-        if match:
-            helps[match.group(1)] = " ".join(pending)
-        pending = []
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        pending: list[str] = []
+        for line in inspect.getsource(klass).splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                pending.append(stripped.lstrip("# ").strip())
+                continue
+            match = _FIELD_LINE.match(line)
+            if match:
+                helps[match.group(1)] = " ".join(pending)
+            pending = []
     return helps
 
 

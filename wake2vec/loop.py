@@ -1,4 +1,8 @@
-"""The Phase 1 run: prepare, place on the mesh, resume, train, evaluate, save, report.
+"""The training loop every phase shares: place on the mesh, resume, train, evaluate, save, report.
+
+A phase (Phase 1 here, wake2vec.phase2, wake2vec.phase3) prepares a `Job`: its blocks,
+the host arrays it trains and those it keeps frozen, its step settings and what to do at
+the end; `train_job` runs it. Phase 1's `run` is prepare -> job -> train_job.
 
 Interruption is a non-event by construction:
 
@@ -25,7 +29,9 @@ import jax
 import numpy as np
 
 from wake2vec import checkpoint, convert, data, hosts, optim, padding, parallel, prepare, tboard, train, workdir as records
-from wake2vec.config import DEMO_SOURCE, FlagError, TrainConfig, dtype_from_name
+from typing import Callable
+
+from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, RunConfig, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 
 
@@ -43,6 +49,33 @@ class RunResult:
     final_step: int
     last_train_loss: float | None
     last_val_loss: float | None
+
+
+@dataclasses.dataclass
+class Job:
+    """What a phase hands the loop. Host arrays are consumed (set to None) as they move.
+
+    `trainable` holds the subtrees that learn ({"embedding"} in Phase 1, {"lora"} in
+    Phase 2, both in Phase 3), `frozen` the rest of the parameters; a table in either is
+    unpadded (the loop pads it for the mesh). `regularizer(trainable, frozen, key)` adds
+    terms to the training loss (Phase 3; wake2vec.train.make_train_step). `finish(state,
+    frozen)` runs on every process after the last step (analysis, generations).
+    """
+
+    cfg: RunConfig
+    model_cfg: ModelConfig
+    trainable: dict | None
+    frozen: dict | None
+    base_size: int
+    train_blocks: np.ndarray
+    val_blocks: np.ndarray
+    val_resegmented: np.ndarray | None
+    record: dict
+    settings: train.StepSettings
+    lr_by_key: dict[str, float] | None = None
+    regularizer: Callable | None = None
+    finish: Callable[[train.TrainState, dict], None] | None = None
+    curve_title: str = "Phase 1: embedding-only training"
 
 
 def _eval_batches(val_blocks: np.ndarray, val_resegmented: np.ndarray, batch: int, max_blocks: int):
@@ -67,9 +100,10 @@ class _Progress:
     leak into tokens/s, as they did when the rate was the log window's wall time.
     """
 
-    def __init__(self, cfg: TrainConfig, tokens_per_step: int, compile_s: float):
+    def __init__(self, cfg: RunConfig, tokens_per_step: int, compile_s: float):
         self.cfg, self.tokens_per_step = cfg, tokens_per_step
         self.window_losses: list[float] = []
+        self.window_terms: list[dict[str, float]] = []  # a regularised phase's terms, each alone
         self.window_step_s: list[float] = []
         self.run_step_s: list[float] = []
         self.compile_s: float | None = compile_s  # reported once, with this run's first log event
@@ -77,8 +111,9 @@ class _Progress:
         self.last_train: float | None = None
         self.prev_eval: tuple[float, float | None] | None = None
 
-    def note_step(self, loss: float, seconds: float) -> None:
+    def note_step(self, loss: float, seconds: float, terms: dict[str, float] | None = None) -> None:
         self.window_losses.append(loss)
+        self.window_terms.append(terms or {})
         self.window_step_s.append(seconds)
         self.run_step_s.append(seconds)
 
@@ -89,9 +124,11 @@ class _Progress:
         logging.info("step %d/%d  train_loss %.4f  lr %.3g  %.2f s/step  %.0f tokens/s  ETA %s",
                      step, self.cfg.max_steps, mean, lr, step_s, tokens_per_s, _duration(self.eta(step)))
         event = {"step": step, "train_loss": mean, "lr": lr, "tokens_per_s": tokens_per_s, "step_s": step_s}
+        for name in self.window_terms[-1] if self.window_terms else ():
+            event[f"train_{name}"] = float(np.mean([terms[name] for terms in self.window_terms]))
         if self.compile_s is not None:
             event["compile_s"], self.compile_s = self.compile_s, None
-        self.window_losses, self.window_step_s, self.last_train = [], [], mean
+        self.window_losses, self.window_step_s, self.window_terms, self.last_train = [], [], [], mean
         return event
 
     def eta(self, step: int) -> float:
@@ -156,40 +193,83 @@ def exclusive_workdir(workdir: pathlib.Path):
 
 
 def run(cfg: TrainConfig) -> RunResult:
+    """Phase 1: prepare the workdir, then train the table."""
+    return run_phase(cfg, prepare.validate_flags, _phase1_job)
+
+
+def run_phase(cfg: RunConfig, validate: Callable[[RunConfig], None], make_job: Callable[[RunConfig], Job | None]) -> RunResult:
+    """Any phase: validate its flags, hold its workdir, prepare its job and train it.
+
+    `make_job` returns None when there is nothing to train (--max_steps=0 prepares only).
+    """
     parallel.maybe_initialize_distributed(cfg)
-    prepare.validate_flags(cfg)  # before the lock file: a bad flag leaves nothing behind
-    with exclusive_workdir(pathlib.Path(cfg.workdir)):
-        return _run_locked(cfg)
-
-
-def _run_locked(cfg: TrainConfig) -> RunResult:
-    prepared = prepare.prepare(cfg)
+    validate(cfg)  # before the lock file: a bad flag leaves nothing behind
     workdir = pathlib.Path(cfg.workdir)
-    record = prepared.record
+    with exclusive_workdir(workdir):
+        job = make_job(cfg)
+        if job is None:
+            logging.info("--max_steps=0: workdir %s prepared; no training", workdir)
+            return RunResult(workdir, 0, None, None)
+        return train_job(job)
+
+
+def _phase1_job(cfg: TrainConfig) -> Job | None:
+    prepared = prepare.prepare(cfg)
     logging.info("vocab %s; data %s", prepared.vocab_stats.as_dict(), prepared.corpus_stats.as_dict())
     if cfg.max_steps == 0:
-        logging.info("--max_steps=0: workdir %s prepared; no training", workdir)
-        return RunResult(workdir, 0, None, None)
+        return None
+    settings = train.StepSettings(prepared.model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk)
+    job = Job(cfg, prepared.model_cfg, prepared.trainable, prepared.frozen, prepared.vocab_stats.base_size,
+              prepared.train_blocks, prepared.val_blocks, prepared.val_resegmented, prepared.record, settings)
+    prepared.trainable = prepared.frozen = None  # the job owns the host arrays now
 
-    mesh = parallel.make_mesh(cfg.mesh)  # its fit to the devices and the batch: prepare.validate_flags
-    rows = record.get("padded_vocab") or parallel.padded_vocab(prepared.model_cfg.vocab_size, mesh)
+    def finish(state: train.TrainState, frozen: dict) -> None:
+        if cfg.analyze:
+            _analyze(pathlib.Path(cfg.workdir), _trained_table(state, prepared.model_cfg.vocab_size), prepared, int(state.step))
+        if cfg.generate_at_end:
+            _generate(cfg, prepared, state, frozen)
+
+    job.finish = finish
+    return job
+
+
+def _evals_since_best(events: list[dict]) -> int:
+    """Evaluations since the lowest validation loss so far (0: the latest is the lowest).
+
+    Read from metrics.jsonl's eval events, so early stopping resumes with the count the
+    interrupted run had."""
+    best, since = float("inf"), 0
+    for event in events:
+        loss = event.get("val_loss")
+        if loss is None:
+            continue
+        best, since = (loss, 0) if loss < best else (best, since + 1)
+    return since
+
+
+def train_job(job: Job) -> RunResult:
+    cfg, record = job.cfg, job.record
+    workdir = pathlib.Path(cfg.workdir)
+    mesh = parallel.make_mesh(cfg.mesh)  # its fit to the devices and the batch: the phase's validate
+    rows = record.get("padded_vocab") or parallel.padded_vocab(job.model_cfg.vocab_size, mesh)
     if rows % (padding.MULTIPLE * mesh.shape[parallel.MODEL]):
         raise FlagError(f"this run's table has {rows} rows, which do not split over a model axis of {mesh.shape[parallel.MODEL]}; resume with the original --mesh")
     if "padded_vocab" not in record:
         record["padded_vocab"] = rows
         records.write_config(workdir, record)
 
-    base_size = prepared.vocab_stats.base_size
+    base_size, vocab_size = job.base_size, job.model_cfg.vocab_size
     schedule = optim.make_schedule(cfg, record.get("schedule_starts", [0]))
-    tx = optim.make_optimizer(cfg, base_size, prepared.model_cfg.vocab_size, schedule)
-    settings = train.StepSettings(prepared.model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk)
+    tx = optim.make_optimizer(cfg, base_size, vocab_size, schedule, trainable_keys=tuple(job.trainable), lr_by_key=job.lr_by_key)
+    settings = job.settings
 
     # Host copies are consumed leaf by leaf as they move (TinyLlama's body: 4.4 GB in fp32).
-    frozen_sharding = parallel.frozen_sharding(prepared.frozen, mesh)
-    frozen = convert.to_device(prepared.frozen, frozen_sharding)
-    trainable_host = padding.pad(prepared.trainable, rows)
+    frozen_host = padding.pad(job.frozen, rows)
+    frozen_sharding = parallel.frozen_sharding(frozen_host, mesh, rows)
+    frozen = convert.to_device(frozen_host, frozen_sharding)
+    trainable_host = padding.pad(job.trainable, rows)
     trainable = convert.to_device(trainable_host, parallel.vocab_sharded_like(trainable_host, mesh, rows))
-    prepared.frozen = prepared.trainable = None
+    job.frozen = job.trainable = None
 
     abstract = jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen)
     state_sharding = parallel.state_sharding(abstract, mesh, rows)
@@ -211,6 +291,7 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     hosts.barrier("metrics truncated")  # every process reads metrics.jsonl as the writer left it
     history = records.read_metrics(workdir)
     scalars = hosts.writer_only(tboard.ScalarWriter)(workdir, history)  # None elsewhere
+    eval_events = [e for e in history if "val_loss" in e]
 
     def log_event(event: dict) -> None:
         records.append_metrics(workdir, event)
@@ -219,27 +300,29 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     del trainable
 
     batch_sharding = parallel.batch_sharding(mesh, 3, 1)
-    step_fn = parallel.jit_train_step(train.make_train_step(tx, schedule, settings), mesh, state_sharding, frozen_sharding)
+    step_fn = parallel.jit_train_step(train.make_train_step(tx, schedule, settings, regularizer=job.regularizer),
+                                      mesh, state_sharding, frozen_sharding)
     eval_fn = jax.jit(train.make_eval_step(settings, base_size))
     eval_ids_sharding, eval_weights_sharding = parallel.batch_sharding(mesh, 2, 0), parallel.batch_sharding(mesh, 1, 0)
-    val_resegmented = prepared.val_resegmented
+    val_resegmented = job.val_resegmented
     if val_resegmented is None:
-        val_resegmented = np.zeros(prepared.val_blocks.shape, bool)
+        val_resegmented = np.zeros(job.val_blocks.shape, bool)
 
     # Both programs are compiled ahead of time, so that their compile time is measured and
     # reported as such instead of inflating the first step and the first evaluation.
     # Lowered with the mesh in context, so the body's per-layer gathers
     # (parallel.gather_weights) are traced into the programs.
     compile_started = time.perf_counter()
-    batch_shape = (cfg.grad_accum, cfg.batch_size, cfg.seq_len)
+    batch_shape = (cfg.grad_accum, cfg.batch_size, job.train_blocks.shape[1])
+    eval_shape = (cfg.batch_size, job.val_blocks.shape[1])
     with jax.set_mesh(mesh):
         step_fn = step_fn.lower(state, frozen, jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)).compile()
         step_compile_s = time.perf_counter() - compile_started
         eval_fn = eval_fn.lower(
             state.trainable, frozen,
-            jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.int32, sharding=eval_ids_sharding),
+            jax.ShapeDtypeStruct(eval_shape, np.int32, sharding=eval_ids_sharding),
             jax.ShapeDtypeStruct((cfg.batch_size,), np.float32, sharding=eval_weights_sharding),
-            jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), np.bool_, sharding=eval_ids_sharding),
+            jax.ShapeDtypeStruct(eval_shape, np.bool_, sharding=eval_ids_sharding),
         ).compile()
     compile_s = time.perf_counter() - compile_started
     logging.info("compiled the train step in %.1f s and the eval step in %.1f s", step_compile_s, compile_s - step_compile_s)
@@ -247,24 +330,29 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
     def evaluate(trainable_now) -> dict:
         """The eval event's fields: the validation loss overall and by target type, with counts."""
         sums, counts = np.zeros(len(train.EVAL_CATEGORIES)), np.zeros(len(train.EVAL_CATEGORIES))
-        for ids, weights, mask in _eval_batches(prepared.val_blocks, val_resegmented, cfg.batch_size, cfg.eval_blocks):
+        for ids, weights, mask in _eval_batches(job.val_blocks, val_resegmented, cfg.batch_size, cfg.eval_blocks):
             loss_sums, n = eval_fn(trainable_now, frozen, jax.device_put(ids, eval_ids_sharding),
                                    jax.device_put(weights, eval_weights_sharding), jax.device_put(mask, eval_ids_sharding))
             sums, counts = sums + np.asarray(loss_sums, np.float64), counts + np.asarray(n, np.float64)
         return records.val_loss_fields(train.EVAL_CATEGORIES, sums, counts)
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * job.train_blocks.shape[1]
     progress = _Progress(cfg, tokens_per_step, compile_s)
     last_val = None
     if start == 0 and not history:
         fields, eval_s = _timed(evaluate, state.trainable)
         last_val = fields["val_loss"]
+        eval_events.append(fields)
         log_event({**progress.note_eval(0, last_val, eval_s), **fields})
 
+    stopped = cfg.early_stop_patience and start > 0 and _evals_since_best(eval_events) >= cfg.early_stop_patience
+    if stopped:
+        logging.info("this run stopped early at step %d (%d evaluations without a lower validation loss); nothing to resume",
+                     start, cfg.early_stop_patience)
     try:
-        for step in range(start, cfg.max_steps):
+        for step in range(start, cfg.max_steps if not stopped else start):
             started = time.perf_counter()
-            batch = data.train_batch(prepared.train_blocks, step, seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+            batch = data.train_batch(job.train_blocks, step, seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
             state, metrics = jax.block_until_ready(step_fn(state, frozen, jax.device_put(batch, batch_sharding)))
             step_s = time.perf_counter() - started
             loss = float(metrics["loss"])
@@ -279,34 +367,42 @@ def _run_locked(cfg: TrainConfig) -> RunResult:
                     f"update); the step was not applied and nothing from it was saved. The last good checkpoint is "
                     f"step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
                     "(fp16 overflows easily), then rerun with --allow_config_change to resume from it")
-            progress.note_step(loss, step_s)
+            progress.note_step(loss, step_s, {k: float(v) for k, v in metrics.get("terms", {}).items()})
             is_last = done == cfg.max_steps
-            save_now = done % cfg.save_every == 0 or is_last
-            if done % cfg.log_every == 0 or save_now:
+            logged = False
+            if done % cfg.log_every == 0 or done % cfg.save_every == 0 or is_last:
                 log_event({**progress.flush(done, float(metrics["lr"])), "grad_norm": float(metrics["grad_norm"])})
+                logged = True
             val_loss = None
             if done % cfg.eval_every == 0 or is_last:
                 fields, eval_s = _timed(evaluate, state.trainable)
                 val_loss = last_val = fields["val_loss"]
+                eval_events.append(fields)
                 log_event({**progress.note_eval(done, val_loss, eval_s), **fields})
-            if save_now:
+                stopped = bool(cfg.early_stop_patience) and _evals_since_best(eval_events) >= cfg.early_stop_patience
+            if stopped and not logged:  # a save step is a log step: the resumed run's windows start here
+                log_event({**progress.flush(done, float(metrics["lr"])), "grad_norm": float(metrics["grad_norm"])})
+            if done % cfg.save_every == 0 or is_last or stopped:
                 _, save_s = _timed(lambda: ckpt.save(state, val_loss=val_loss))
                 log_event(progress.note_save(done, save_s))
             if cfg.snapshot_every and done % cfg.snapshot_every == 0:
-                records.atomic_save_npy(workdir / "snapshots" / f"embeddings_step_{done}.npy", _trained_table(state, prepared))
+                records.atomic_save_npy(workdir / "snapshots" / f"embeddings_step_{done}.npy", _trained_table(state, vocab_size))
+            if stopped:
+                logging.info("step %d: early stop, %d evaluations without a lower validation loss (--early_stop_patience)",
+                             done, cfg.early_stop_patience)
+                log_event({"step": done, "early_stop": True})
+                break
     except BaseException as error:
-        _close(ckpt, scalars, workdir, failed=error)
+        _close(ckpt, scalars, workdir, job.curve_title, failed=error)
         raise
-    _close(ckpt, scalars, workdir, failed=None)
+    _close(ckpt, scalars, workdir, job.curve_title, failed=None)
 
-    if cfg.analyze:
-        _analyze(workdir, _trained_table(state, prepared), prepared, int(state.step))
-    if cfg.generate_at_end:
-        _generate(cfg, prepared, state, frozen)
-    return RunResult(workdir, cfg.max_steps, progress.last_train, last_val)
+    if job.finish is not None:
+        job.finish(state, frozen)
+    return RunResult(workdir, int(state.step), progress.last_train, last_val)
 
 
-def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter | None, workdir: pathlib.Path, *,
+def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter | None, workdir: pathlib.Path, title: str, *,
            failed: BaseException | None) -> None:
     """Waits for the saves, closes Orbax and the TensorBoard writer, writes the loss table and curve.
 
@@ -317,7 +413,7 @@ def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter | None, w
     def report():
         events = records.read_metrics(workdir)
         records.write_loss_table(workdir, events)
-        records.write_loss_curve(workdir, events)
+        records.write_loss_curve(workdir, events, title)
 
     for part in (ckpt.wait, ckpt.close, *([scalars.close] if scalars is not None else []), report):
         if failed is None:
@@ -329,9 +425,9 @@ def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter | None, w
             logging.warning("after %s, stopping also failed: %s: %s", type(failed).__name__, type(later).__name__, later)
 
 
-def _trained_table(state: train.TrainState, prepared: prepare.PreparedRun) -> np.ndarray:
+def _trained_table(state: train.TrainState, vocab_size: int) -> np.ndarray:
     """The table on the host, padding rows cut: the (vocab, D) matrix the analysis reads."""
-    return padding.unpad_table(hosts.host_array(state.trainable["embedding"]), prepared.model_cfg.vocab_size)
+    return padding.unpad_table(hosts.host_array(state.trainable["embedding"]), vocab_size)
 
 
 @hosts.writer_only

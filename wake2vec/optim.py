@@ -45,12 +45,15 @@ import jax.numpy as jnp
 import optax
 
 from wake2vec import padding
-from wake2vec.config import TrainConfig
+from wake2vec.config import RunConfig
 from wake2vec.errors import UserError
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
+# Phase 1's trainable subtrees; later phases train others ("lora") and may freeze these.
 TRAINABLE_KEYS = ("embedding", "lm_head")
+# The subtrees with a vocabulary axis: the row mask and the update-RMS clip act on these only.
+TABLE_KEYS = ("embedding", "lm_head")
 # The names --optimizer and --schedule accept (the flag validation reads these).
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -60,10 +63,10 @@ class ScheduleExtensionError(UserError, ValueError):
     """A resumed run changes --max_steps without saying what its schedule should do."""
 
 
-def param_labels(params: dict) -> dict:
-    """'trainable' for the table and an untied head, 'frozen' for every other leaf."""
+def param_labels(params: dict, trainable_keys: Sequence[str] = TRAINABLE_KEYS) -> dict:
+    """'trainable' for the subtrees under `trainable_keys`, 'frozen' for every other leaf."""
     return {
-        key: jax.tree_util.tree_map(lambda _: TRAINABLE if key in TRAINABLE_KEYS else FROZEN, value)
+        key: jax.tree_util.tree_map(lambda _: TRAINABLE if key in trainable_keys else FROZEN, value)
         for key, value in params.items()
     }
 
@@ -100,7 +103,7 @@ def warmup_steps(warmup_ratio: float, steps: int) -> int:
     return math.ceil(steps * warmup_ratio)
 
 
-def _segment(cfg: TrainConfig, steps: int) -> optax.Schedule:
+def _segment(cfg: RunConfig, steps: int) -> optax.Schedule:
     """Linear warmup from 0 over warmup_steps(...), then `cfg.schedule` down over the rest."""
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"--schedule={cfg.schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}")
@@ -111,7 +114,7 @@ def _segment(cfg: TrainConfig, steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
-def make_schedule(cfg: TrainConfig, segment_starts: Sequence[int] = (0,)) -> optax.Schedule:
+def make_schedule(cfg: RunConfig, segment_starts: Sequence[int] = (0,)) -> optax.Schedule:
     """The learning rate at each optimizer step (0-based, as HF's LambdaLR counts).
 
     `segment_starts` [0, s1, ...] (config.json's `schedule_starts`) cuts the run into
@@ -124,13 +127,13 @@ def make_schedule(cfg: TrainConfig, segment_starts: Sequence[int] = (0,)) -> opt
     return segments[0] if len(segments) == 1 else optax.join_schedules(segments, starts[1:])
 
 
-def _changed_max_steps(stored: dict | None, cfg: TrainConfig) -> int | None:
+def _changed_max_steps(stored: dict | None, cfg: RunConfig) -> int | None:
     """The stored --max_steps when this invocation changes it on a run configured to train."""
     old = (stored or {}).get("flags", {}).get("max_steps")
     return None if not old or cfg.max_steps in (0, old) else old
 
 
-def schedule_record(stored: dict | None, cfg: TrainConfig) -> dict:
+def schedule_record(stored: dict | None, cfg: RunConfig) -> dict:
     """config.json's schedule fields: `schedule_starts`, and the `schedule_extensions` that
     made them ({"max_steps": [old, new], "extend_schedule": choice} per extension)."""
     extensions = list((stored or {}).get("schedule_extensions", []))
@@ -141,7 +144,7 @@ def schedule_record(stored: dict | None, cfg: TrainConfig) -> dict:
     return {"schedule_starts": starts, "schedule_extensions": extensions}
 
 
-def schedule_starts(stored: dict | None, cfg: TrainConfig) -> list[int]:
+def schedule_starts(stored: dict | None, cfg: RunConfig) -> list[int]:
     """This run's schedule segments, from its config.json record and the new flags.
 
     A rerun that changes --max_steps of a run configured to train must say what the change
@@ -182,11 +185,16 @@ class _NoState(NamedTuple):
     pass
 
 
-def _map_trainable(fn: Callable[[str, jax.Array], jax.Array], updates):
-    """fn(top key, leaf) over the trainable leaves; the frozen MaskedNodes pass through."""
+def _map_trainable(fn: Callable[[str, jax.Array], jax.Array], updates, keys: Sequence[str] | None = None):
+    """fn(top key, leaf) over the trainable leaves under `keys` (None: all of them); the
+    frozen MaskedNodes and the other leaves pass through."""
     masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    return jax.tree_util.tree_map_with_path(
-        lambda path, u: u if masked(u) else fn(path[0].key, u), updates, is_leaf=masked)
+
+    def apply(path, u):
+        key = path[0].key
+        return u if masked(u) or (keys is not None and key not in keys) else fn(key, u)
+
+    return jax.tree_util.tree_map_with_path(apply, updates, is_leaf=masked)
 
 
 def _stateless(fn: Callable) -> optax.GradientTransformation:
@@ -203,7 +211,7 @@ def mask_rows(num_frozen_rows: int) -> optax.GradientTransformation:
     def zero_base(key, u):
         return jnp.where(padding.rows_in(u.shape, padding.vocab_axis(key), num_frozen_rows, None), u, 0.0)
 
-    return _stateless(lambda updates: _map_trainable(zero_base, updates))
+    return _stateless(lambda updates: _map_trainable(zero_base, updates, TABLE_KEYS))
 
 
 def clip_update_rms(threshold: float, vocab_size: int | None) -> optax.GradientTransformation:
@@ -220,7 +228,17 @@ def clip_update_rms(threshold: float, vocab_size: int | None) -> optax.GradientT
         rms = jnp.sqrt(jnp.sum(jnp.square(real)) / (rows * (u.size // u.shape[axis])))
         return u / jnp.maximum(1.0, rms / threshold)
 
-    return _stateless(lambda updates: _map_trainable(clip, updates))
+    return _stateless(lambda updates: _map_trainable(clip, updates, TABLE_KEYS))
+
+
+def scale_by_key(factors: dict[str, float]) -> optax.GradientTransformation:
+    """Multiplies the updates under each top-level key by its factor (keys not named: 1).
+
+    Placed after the learning rate, factor lr_k / lr gives subtree k its own peak rate on
+    the shared schedule; weight decay, already in the update, scales with it, as a torch
+    parameter group's lr scales both.
+    """
+    return _stateless(lambda updates: _map_trainable(lambda key, u: u * factors.get(key, 1.0), updates))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -239,36 +257,48 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------- optimisers
 
 
-def _adafactor(cfg: TrainConfig, vocab_size: int | None) -> list[optax.GradientTransformation]:
+def _adafactor(cfg: RunConfig, vocab_size: int | None) -> list[optax.GradientTransformation]:
     return [
         optax.scale_by_factored_rms(decay_rate=0.8, epsilon=1e-30, min_dim_size_to_factor=1),
         clip_update_rms(1.0, vocab_size),
     ]
 
 
-def _adamw(cfg: TrainConfig, vocab_size: int | None) -> list[optax.GradientTransformation]:
+def _adamw(cfg: RunConfig, vocab_size: int | None) -> list[optax.GradientTransformation]:
     return [optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)]
 
 
 # name -> (config, real vocabulary rows) -> the core of the chain, between clip and decay.
-OPTIMIZERS: dict[str, Callable[[TrainConfig, int | None], list[optax.GradientTransformation]]] = {
+OPTIMIZERS: dict[str, Callable[[RunConfig, int | None], list[optax.GradientTransformation]]] = {
     "adafactor": _adafactor,
     "adamw": _adamw,
 }
 
 
 def make_optimizer(
-    cfg: TrainConfig, base_vocab_size: int, vocab_size: int | None = None, schedule: optax.Schedule | None = None
+    cfg: RunConfig,
+    base_vocab_size: int,
+    vocab_size: int | None = None,
+    schedule: optax.Schedule | None = None,
+    *,
+    trainable_keys: Sequence[str] = TRAINABLE_KEYS,
+    lr_by_key: dict[str, float] | None = None,
 ) -> optax.GradientTransformation:
     """The partitioned optimiser over the full parameter tree (see module docstring).
 
     `vocab_size` is the real row count of a padded table (None: no padding); `schedule`
-    defaults to make_schedule(cfg).
+    defaults to make_schedule(cfg). `trainable_keys` names the top-level subtrees that
+    learn (Phase 1: the table and an untied head; Phase 2: "lora"); `lr_by_key` gives a
+    subtree its own peak rate on the same schedule (Phase 3's adapters and Wake rows). The
+    global-norm clip sees every trainable subtree at once, as torch's clip over all groups.
+    `cfg.mask_base_rows` keeps the table's base rows fixed (a flag in Phase 1, always on in
+    Phase 3, moot in Phase 2, which trains no row).
     """
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer={cfg.optimizer!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
+    mask_base_rows = cfg.mask_base_rows
     chain: list[Any] = []
-    if cfg.mask_base_rows:
+    if mask_base_rows:
         chain.append(mask_rows(base_vocab_size))
     if cfg.clip_norm > 0:
         chain.append(clip_by_global_norm(cfg.clip_norm))
@@ -276,9 +306,12 @@ def make_optimizer(
     if cfg.weight_decay > 0:
         chain.append(optax.add_decayed_weights(cfg.weight_decay))
     chain.append(optax.scale_by_learning_rate(schedule or make_schedule(cfg)))
-    if cfg.mask_base_rows:
+    if lr_by_key:
+        chain.append(scale_by_key({key: lr / cfg.lr for key, lr in lr_by_key.items()}))
+    if mask_base_rows:
         chain.append(mask_rows(base_vocab_size))
+    keys = tuple(trainable_keys)
     return optax.partition(
         {TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()},
-        param_labels,
+        lambda params: param_labels(params, keys),
     )

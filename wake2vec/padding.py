@@ -46,21 +46,25 @@ def _cut_axis(array, axis: int, rows: int):
     return array[(slice(None),) * axis + (slice(0, rows),)]
 
 
-def _map_trainable(fn, trainable: dict, rows: int) -> dict:
-    out = {"embedding": fn(trainable["embedding"], vocab_axis("embedding"), rows)}
-    if "lm_head" in trainable:
-        out["lm_head"] = {"kernel": fn(trainable["lm_head"]["kernel"], vocab_axis("lm_head"), rows)}
+def _map_tables(fn, tree: dict, rows: int) -> dict:
+    """fn over the table and an untied head of `tree`; every other subtree passes through
+    (Phase 2's adapters, or the body when the table is frozen beside it)."""
+    out = dict(tree)
+    if "embedding" in tree:
+        out["embedding"] = fn(tree["embedding"], vocab_axis("embedding"), rows)
+    if "lm_head" in tree:
+        out["lm_head"] = {"kernel": fn(tree["lm_head"]["kernel"], vocab_axis("lm_head"), rows)}
     return out
 
 
-def pad(trainable: dict, rows: int) -> dict:
+def pad(tree: dict, rows: int) -> dict:
     """Zero rows appended to the vocabulary axis of the table and an untied head (host arrays)."""
-    return _map_trainable(_pad_axis, trainable, rows)
+    return _map_tables(_pad_axis, tree, rows)
 
 
-def unpad(trainable: dict, vocab_size: int) -> dict:
+def unpad(tree: dict, vocab_size: int) -> dict:
     """The table and an untied head cut to their first `vocab_size` rows (the real tokens)."""
-    return _map_trainable(_cut_axis, trainable, vocab_size)
+    return _map_tables(_cut_axis, tree, vocab_size)
 
 
 def unpad_table(table, vocab_size: int):

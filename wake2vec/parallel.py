@@ -102,14 +102,22 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def frozen_sharding(tree, mesh: Mesh):
+def frozen_sharding(tree, mesh: Mesh, vocab_rows: int | None = None):
     """A sharding per frozen leaf: stacked layer matrices split over every device, the rest replicated.
 
     A leaf with at least three axes is a (layers, in, out) stack; its largest axis after the
     layer axis that divides by the device count is split over ('data', 'model'). The layer
     axis itself is never split: the scan slices it, and a split one would be gathered whole.
+    A frozen table (Phase 2 trains the adapters over Phase 1's table) and an untied head
+    are split on their vocabulary axis as a trainable one is (`vocab_sharded_like`).
     """
     devices = mesh.devices.size
+    tables = {k: tree[k] for k in ("embedding", "lm_head") if k in tree}
+    if tables:
+        if vocab_rows is None:
+            raise ValueError("a frozen tree holding the table needs its padded row count")
+        body = {k: v for k, v in tree.items() if k not in tables}
+        return {**frozen_sharding(body, mesh), **vocab_sharded_like(tables, mesh, vocab_rows)}
 
     def rule(leaf):
         shape = getattr(leaf, "shape", ())

@@ -60,6 +60,7 @@ _RANGES = (
     ("max_steps", lambda v: v >= 0, ">= 0 (0 prepares the workdir and exits)"),
     ("eval_blocks", lambda v: v >= 0, ">= 0 (0 evaluates every validation block)"),
     ("snapshot_every", lambda v: v >= 0, ">= 0 (0 disables snapshots)"),
+    ("early_stop_patience", lambda v: v >= 0, ">= 0 (0 never stops early)"),
     ("seed", lambda v: v >= 0, ">= 0"),
     ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 disables it)"),

@@ -45,6 +45,8 @@ class StepSettings:
     compute_dtype: Any = jnp.float32
     remat: str = "full"
     loss_chunk: int = 1024
+    # Seeds the step's randomness (Phase 3's sampled pairs, Phase 2's dropout) as fold_in(seed, step).
+    seed: int = 0
 
 
 def _chunked(hidden, targets, weights, chunk):
@@ -182,7 +184,9 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
 
 
-def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, settings: StepSettings) -> Callable:
+def make_train_step(
+    tx: optax.GradientTransformation, schedule: optax.Schedule, settings: StepSettings, *, regularizer: Callable | None = None
+) -> Callable:
     """train_step(state, frozen, batch (accum, B, T)) -> (state, metrics); not yet jitted.
 
     metrics: `loss` (mean next-token loss of the step, computed before its update),
@@ -190,6 +194,13 @@ def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, 
     the figure HF Trainer logs), `lr` (the rate this step used) and `finite`: False when
     the loss, the gradient or the new state holds a NaN or an inf, in which case the
     returned state is the input state, unchanged (step counter included).
+
+    `regularizer(trainable, frozen, key) -> {"total": weighted sum, name: term, ...}` adds
+    batch-independent terms (Phase 3's alignment losses) to the objective. They are
+    differentiated once per step, not per microbatch, so accumulation never scales them;
+    `loss` stays the language-model loss alone and metrics["terms"] holds each term.
+    Its key is fold_in(PRNGKey(seed), step), so a resumed run samples what the
+    uninterrupted one did.
     """
 
     def mean_loss(trainable, frozen, ids):
@@ -197,6 +208,10 @@ def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, 
         return total / count
 
     grad_fn = jax.value_and_grad(mean_loss)
+
+    def regularizer_total(trainable, frozen, key):
+        terms = regularizer(trainable, frozen, key)
+        return terms["total"], terms
 
     def train_step(state: TrainState, frozen: dict, batch: jax.Array):
         accum = batch.shape[0]
@@ -211,15 +226,22 @@ def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, 
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
         (grads, loss), _ = jax.lax.scan(microbatch, (zeros, jnp.zeros((), jnp.float32)), batch)
+        terms = {}
+        if regularizer is not None:
+            key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), state.step)
+            (_, terms), term_grads = jax.value_and_grad(regularizer_total, has_aux=True)(state.trainable, frozen, key)
+            grads = jax.tree_util.tree_map(jnp.add, grads, term_grads)
         full_params = {**frozen, **state.trainable}
         updates, opt_state = tx.update(optim.gradient_tree(grads, frozen), state.opt_state, full_params)
         trainable = optax.apply_updates(state.trainable, {k: updates[k] for k in state.trainable})
         new_state = TrainState(state.step + 1, trainable, opt_state)
         # A finite loss says nothing about the update it produced (an overflowing lr x update,
         # an inf gradient), so the state itself is checked: a non-finite step is not applied.
-        finite = jnp.isfinite(loss) & all_finite((grads, trainable, opt_state))
+        finite = jnp.isfinite(loss) & all_finite((grads, trainable, opt_state, terms))
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "finite": finite}
+        if terms:
+            metrics["terms"] = terms
         return new_state, metrics
 
     return train_step

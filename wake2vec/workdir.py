@@ -331,7 +331,7 @@ def write_loss_table(workdir: pathlib.Path, events: Iterable[dict]) -> None:
 
 
 @hosts.writer_only
-def write_loss_curve(workdir: pathlib.Path, events: Iterable[dict]) -> None:
+def write_loss_curve(workdir: pathlib.Path, events: Iterable[dict], title: str = "Phase 1: embedding-only training") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -351,7 +351,7 @@ def write_loss_curve(workdir: pathlib.Path, events: Iterable[dict]) -> None:
             ax.plot(*zip(*points), "--", marker=".", label=label, color=color)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title("Phase 1: embedding-only training")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
