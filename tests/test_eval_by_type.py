@@ -21,6 +21,8 @@ def test_eval_step_means_by_target_type_match_the_full_logits():
     trainable, frozen = optim.split_params(params)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, TINY.vocab_size, (3, 41)).astype(np.int32)
+    # Block 0's first window of 32 targets holds base tokens only, so both window types occur.
+    ids[0, 1:33] = rng.integers(0, BASE_ROWS, 32)
     resegmented = rng.random(ids.shape) < 0.3
     block_weights = np.array([1.0, 1.0, 0.0], np.float32)  # the third block pads a short batch
     # A chunk that does not divide the 3 x 40 predictions, so the chunk padding is exercised too.
@@ -41,6 +43,10 @@ def test_eval_step_means_by_target_type_match_the_full_logits():
         "base": real & (targets < BASE_ROWS),
         "resegmented": real & (targets < BASE_ROWS) & resegmented[:, 1:],
     }
+    # By hand: target j lies in window j // 32 of its block; a window holding a new target is a Wake window.
+    window_of = np.arange(targets.shape[1]) // train.WAKE_WINDOW
+    wake_window = np.stack([np.isin(window_of, np.unique(window_of[row >= BASE_ROWS])) for row in targets])
+    masks["wake_windows"], masks["plain_windows"] = real & wake_window, real & ~wake_window
     for k, category in enumerate(train.EVAL_CATEGORIES):
         mask = masks[category]
         assert counts[k] == mask.sum() > 0, category
@@ -54,17 +60,19 @@ def test_eval_step_means_by_target_type_match_the_full_logits():
 
 
 def test_val_fields_loss_table_and_curve_show_each_type_with_its_count(tmp_path):
-    fields = workdir.val_loss_fields(train.EVAL_CATEGORIES, np.array([30.0, 10.0, 20.0, 0.0]), np.array([10, 2, 8, 0]))
+    fields = workdir.val_loss_fields(train.EVAL_CATEGORIES, np.array([30.0, 10.0, 20.0, 0.0, 24.0, 6.0]),
+                                     np.array([10, 2, 8, 0, 6, 4]))
     assert fields == {"val_loss": 3.0, "val_tokens": 10, "val_loss_new": 5.0, "val_tokens_new": 2,
                       "val_loss_base": 2.5, "val_tokens_base": 8, "val_loss_resegmented": None,
-                      "val_tokens_resegmented": 0}
+                      "val_tokens_resegmented": 0, "val_loss_wake_windows": 4.0, "val_tokens_wake_windows": 6,
+                      "val_loss_plain_windows": 1.5, "val_tokens_plain_windows": 4}
     events = [{"step": 0, **fields}, {"step": 10, "train_loss": 2.0, "lr": 1e-3},
               {"step": 10, **fields, "val_loss_resegmented": 4.0, "val_tokens_resegmented": 1234}]
     workdir.write_loss_table(tmp_path, events)
     table = (tmp_path / workdir.LOSS_TABLE).read_text().splitlines()
     assert table[0] == ("| Step | Training Loss | Validation Loss | Val: new tokens (n) | Val: base tokens (n) "
-                        "| Val: re-segmented (n) |")
-    assert table[2] == "| 0 |  | 3.0000 | 5.0000 (2) | 2.5000 (8) | – (0) |"
-    assert table[3] == "| 10 | 2.0000 | 3.0000 | 5.0000 (2) | 2.5000 (8) | 4.0000 (1,234) |"
+                        "| Val: re-segmented (n) | Val: windows with Wake tokens (n) | Val: windows without (n) |")
+    assert table[2] == "| 0 |  | 3.0000 | 5.0000 (2) | 2.5000 (8) | – (0) | 4.0000 (6) | 1.5000 (4) |"
+    assert table[3] == "| 10 | 2.0000 | 3.0000 | 5.0000 (2) | 2.5000 (8) | 4.0000 (1,234) | 4.0000 (6) | 1.5000 (4) |"
     workdir.write_loss_curve(tmp_path, events)
     assert (tmp_path / workdir.LOSS_CURVE).stat().st_size > 0

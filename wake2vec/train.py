@@ -250,26 +250,35 @@ def make_train_step(
 # The validation loss by target type: every prediction, those whose target is a new (Wake)
 # token, those whose target is a base token, and the base-token targets inside words the
 # injection re-segmented (wake2vec.segmentation), which tell the injection's damage apart
-# from the model's trouble with the new words.
-EVAL_CATEGORIES = ("all", "new", "base", "resegmented")
+# from the model's trouble with the new words. Then by window: the predictions inside
+# windows of WAKE_WINDOW consecutive targets that hold at least one new token, and those in
+# windows that hold none, which tell whether a phase helped the model read the Wake's own
+# words in context or only the plain text around them (Phase 2 trains the body for this).
+EVAL_CATEGORIES = ("all", "new", "base", "resegmented", "wake_windows", "plain_windows")
+WAKE_WINDOW = 32
 
 
 def category_weights(ids: jax.Array, block_weights: jax.Array, resegmented: jax.Array, base_size: int) -> jax.Array:
-    """(B, T-1, 4) float32 weights of the predictions of blocks ids (B, T), per EVAL_CATEGORIES.
+    """(B, T-1, 6) float32 weights of the predictions of blocks ids (B, T), per EVAL_CATEGORIES.
 
     The prediction at position j has target ids[:, j + 1], so its categories are read at
-    j + 1: `resegmented` (B, T) is the per-token mask aligned with ids.
+    j + 1: `resegmented` (B, T) is the per-token mask aligned with ids. Windows are cut
+    from each block's targets, WAKE_WINDOW at a time from its start (the last may be shorter).
     """
     targets = ids[:, 1:]
     is_new = targets >= base_size
-    columns = (jnp.ones_like(is_new), is_new, ~is_new, resegmented[:, 1:] & ~is_new)
+    batch, length = targets.shape
+    pad = -length % WAKE_WINDOW
+    windows = jnp.pad(is_new, ((0, 0), (0, pad))).reshape(batch, -1, WAKE_WINDOW).any(axis=-1)
+    in_wake_window = jnp.repeat(windows, WAKE_WINDOW, axis=1)[:, :length]
+    columns = (jnp.ones_like(is_new), is_new, ~is_new, resegmented[:, 1:] & ~is_new, in_wake_window, ~in_wake_window)
     block = block_weights[:, None].astype(jnp.float32)
     return jnp.stack([block * c.astype(jnp.float32) for c in columns], axis=-1)
 
 
 def make_eval_step(settings: StepSettings, base_size: int) -> Callable:
     """eval_step(trainable, frozen, ids (B, T), block_weights (B,), resegmented (B, T) bool)
-    -> (loss sums (4,), prediction counts (4,)) over EVAL_CATEGORIES, from one pass over the
+    -> (loss sums (6,), prediction counts (6,)) over EVAL_CATEGORIES, from one pass over the
     chunked logits."""
 
     def eval_step(trainable, frozen, ids, block_weights, resegmented):
