@@ -511,6 +511,27 @@ def _restore_trainable_numpy(manager: ocp.CheckpointManager, step: int) -> dict:
     return restored[TRAINABLE]
 
 
+def best_step(workdir) -> int | None:
+    """The committed step of a run with the lowest recorded validation loss, read-only (no
+    save of a live run is touched); None when no checkpoint recorded one. A step whose
+    record cannot be read is passed over with a warning."""
+    directory = checkpoint_dir(workdir)
+    manager = _reader(directory)
+    scored = []
+    try:
+        for step in _committed_steps(directory):
+            try:
+                loss = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META].get("val_loss")
+            except Exception as error:
+                logging.warning("checkpoint step %d in %s: its record cannot be read (%s)", step, directory, _short(error))
+                continue
+            if loss is not None:
+                scored.append((loss, step))
+    finally:
+        manager.close()
+    return min(scored)[1] if scored else None
+
+
 def load_trainable(workdir, step: int | None = None) -> tuple[dict, int]:
     """(trainable subtree as host numpy arrays, step) of a run, without its optimiser state.
 
@@ -541,7 +562,7 @@ def run_record(workdir) -> dict:
     record = records.read_config(workdir)
     if record is None:
         raise CheckpointError(f"{workdir / records.CONFIG} not found: is {workdir} a wake2vec training workdir?")
-    for path in (("vocab", "total"), ("flags", "tie_embeddings"), ("model_source",), ("source_hash",)):
+    for path in (("vocab", "total"), ("model", "tie_word_embeddings"), ("model_source",), ("source_hash",)):
         node = record
         for key in path:
             if not isinstance(node, dict) or key not in node:
@@ -592,7 +613,7 @@ def load_params(workdir, step: int | None = None, *, as_numpy: bool = False,
         )
     trainable, step = load_trainable(workdir, step)
     total = int(record["vocab"]["total"])
-    tied = bool(record["flags"]["tie_embeddings"])
+    tied = bool(record["model"]["tie_word_embeddings"])
     source_cfg, params = convert.load_hf(str(source), dtype=body_dtype, as_numpy=True)
     params.pop("lm_head", None)
     if not tied:

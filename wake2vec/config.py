@@ -514,3 +514,46 @@ class TrainConfig(RunConfig):
     init_sphere_factor: float = 1.5
     # hewitt: covariance scale eps.
     init_hewitt_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase2Config(RunConfig):
+    """Every setting of a Phase 2 run; one field per flag of experiments/train_p2.py.
+
+    Phase 2 adapts the frozen body with LoRA over the frozen table of a Phase 1 run, on that
+    run's own train/validation blocks. Defaults are the study's recipe (its Llama-3.2-1B
+    script, which the other bases share): LoRA r 8, alpha 16, dropout 0.1 on q/k/v and the
+    MLP projections, AdamW 2e-5, cosine after 10% warmup, weight decay 0.01, clip 1.0, bf16,
+    TinyLlama's 8 blocks x 2 accumulation. A Phase 1 demo run gets a short demo schedule.
+    """
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "phase1")
+
+    # Run directory of this Phase 2 run (config, checkpoints of the adapters, metrics, analysis).
+    workdir: str = "runs/demo_p2"
+    # The Phase 1 workdir to adapt: its tokenizer, trained table, exact train/validation split and model source.
+    phase1: str = "runs/demo"
+    # Which Phase 1 checkpoint's table: best (lowest validation loss, the study's choice) | latest | a step number.
+    phase1_step: str = "best"
+    # Projections that get adapters, comma-separated (the study's six; o_proj is left out).
+    lora_targets: str = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
+    # Adapter rank r.
+    lora_rank: int = 8
+    # Adapter scale alpha: the update is (alpha / r) x A B, PEFT's scaling.
+    lora_alpha: float = 16.0
+    # Dropout on the adapters' input while training; its mask is drawn from fold_in(seed, step).
+    lora_dropout: float = 0.1
+
+    # The study's Phase 2 defaults; a redeclared field without a comment keeps RunConfig's help.
+
+    batch_size: int = 8
+    grad_accum: int = 2
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    # adamw (the study's Phase 2) | adafactor.
+    optimizer: str = "adamw"
+    # Decoupled weight decay on the adapters.
+    weight_decay: float = 0.01
+    # Storage dtype of the frozen body: float32 | bfloat16 | float16.
+    frozen_dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"

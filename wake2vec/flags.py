@@ -23,8 +23,8 @@ _FIELD_LINE = re.compile(r"^\s{4}(\w+):\s*[\w\[\]|. ]+=")
 def field_help(cls: type) -> dict[str, str]:
     """Maps each field to the comment block written directly above it in the class body.
 
-    Base dataclasses are read first, so a phase's config inherits the shared fields' help
-    and a field it redeclares (another default) takes its own comment.
+    Base dataclasses are read first, so a phase's config inherits the shared fields' help;
+    a field it redeclares (another default) takes its own comment if it has one.
     """
     helps: dict[str, str] = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
@@ -35,7 +35,7 @@ def field_help(cls: type) -> dict[str, str]:
                 pending.append(stripped.lstrip("# ").strip())
                 continue
             match = _FIELD_LINE.match(line)
-            if match:
+            if match and (pending or match.group(1) not in helps):
                 helps[match.group(1)] = " ".join(pending)
             pending = []
     return helps

@@ -145,7 +145,7 @@ class _LoopState(NamedTuple):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "compute_dtype")
+    jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "compute_dtype", "lora")
 )
 def _decode(
     params: Any,
@@ -160,6 +160,7 @@ def _decode(
     top_k: int,
     use_top_p: bool,
     compute_dtype: Any,
+    lora: Any = None,
 ) -> jax.Array:
     """Prefill, then the decode loop; `generate` has validated every argument."""
     batch, prompt_len = prompt_ids.shape
@@ -184,7 +185,7 @@ def _decode(
 
     # The last emitted token is never fed back, so the cache needs one position fewer than the output.
     cache = model.init_cache(cfg, batch, total - 1, compute_dtype)
-    logits, cache = model.forward_with_cache(cfg, params, prompt_ids, cache, 0, compute_dtype=compute_dtype)
+    logits, cache = model.forward_with_cache(cfg, params, prompt_ids, cache, 0, compute_dtype=compute_dtype, lora=lora)
     state = emit(
         logits[:, -1],
         _LoopState(
@@ -202,7 +203,7 @@ def _decode(
     def step(state: _LoopState) -> _LoopState:
         last = jax.lax.dynamic_slice_in_dim(state.tokens, state.position - 1, 1, axis=1)
         logits, cache = model.forward_with_cache(
-            cfg, params, last, state.cache, state.position - 1, compute_dtype=compute_dtype
+            cfg, params, last, state.cache, state.position - 1, compute_dtype=compute_dtype, lora=lora
         )
         return emit(logits[:, 0], state._replace(cache=cache))
 
@@ -286,6 +287,7 @@ def generate(
     seed: int = 0,
     key: jax.Array | None = None,
     compute_dtype: Any = jnp.float32,
+    lora: Any = None,
 ) -> jax.Array:
     """Continues equal-length prompts (B, T) by `max_new_tokens`; returns (B, T + max_new_tokens) int32.
 
@@ -294,7 +296,8 @@ def generate(
     (one id, or several as Llama 3 lists them), a row that emits one is padded with the
     first to the end. The same arguments and seed (or `key`, which replaces PRNGKey(seed))
     always give the same tokens. `compute_dtype` is the matmul and KV-cache dtype (see
-    wake2vec.model).
+    wake2vec.model). `lora` (a wake2vec.lora.LoraSpec) applies the adapters in
+    params["lora"] unmerged, as Phase 2 trained them.
     Raises ValueError, naming the fix, for an empty or over-long prompt or a bad setting.
     """
     prompt = _validated_prompt(cfg, prompt_ids, max_new_tokens)
@@ -321,6 +324,7 @@ def generate(
         top_k=0 if greedy else int(top_k),
         use_top_p=not greedy and top_p < 1.0,
         compute_dtype=compute_dtype,
+        lora=lora,
     )
 
 
@@ -499,6 +503,7 @@ def write_generations(
     compute_dtype: Any = jnp.float32,
     log: Callable[[str], None] = print,
     base_vocab_size: int | None = None,
+    lora: Any = None,
 ) -> pathlib.Path:
     """Decodes the prompt `samples` times per temperature and writes workdir/generations.md
     and workdir/generations.json; returns the Markdown's path.
@@ -531,7 +536,7 @@ def write_generations(
                     cfg, params, [prompt_ids], settings.max_new_tokens,
                     temperature=temperature, top_k=settings.top_k, top_p=settings.top_p,
                     repetition_penalty=settings.repetition_penalty, eos_id=eos_id, key=key,
-                    compute_dtype=compute_dtype,
+                    compute_dtype=compute_dtype, lora=lora,
                 )
             )[0]
             stops = np.flatnonzero(np.isin(tokens[len(prompt_ids):], eos_id)) if eos_id is not None else []

@@ -227,7 +227,8 @@ def _phase1_job(cfg: TrainConfig) -> Job | None:
         if cfg.analyze:
             _analyze(pathlib.Path(cfg.workdir), _trained_table(state, prepared.model_cfg.vocab_size), prepared, int(state.step))
         if cfg.generate_at_end:
-            _generate(cfg, prepared, state, frozen)
+            generate_at_end(cfg, prepared.model_cfg, {**frozen, **state.trainable}, prepared.tokenizer, int(state.step),
+                            demo=cfg.model == DEMO_SOURCE, base_size=prepared.vocab_stats.base_size)
 
     job.finish = finish
     return job
@@ -444,14 +445,12 @@ def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.Prepare
                            name=f"trained table, step {step}")
 
 
-def _generate(cfg: TrainConfig, prepared: prepare.PreparedRun, state: train.TrainState, frozen: dict) -> None:
+def generate_at_end(cfg: RunConfig, model_cfg: ModelConfig, params: dict, tokenizer, step: int, *, demo: bool,
+                    base_size: int, lora_spec=None) -> None:
+    """generations.md for the trained model: the study's prompt and settings on a real model,
+    the demo's own short ones on the demo. The arrays stay where they are: the model reads
+    padded tables (it cuts logits to the vocabulary), so nothing is copied to the host."""
     from wake2vec import generate
 
-    workdir = pathlib.Path(cfg.workdir)
-    # The arrays stay where they are: the model reads padded tables (it cuts logits to the
-    # vocabulary), so nothing needs copying to the host and back.
-    params = {**frozen, **state.trainable}
-    # A real model gets the study's prompt and settings, the demo its own short ones.
-    generate.write_generations(workdir, prepared.model_cfg, params, prepared.tokenizer, step=int(state.step),
-                               demo=cfg.model == DEMO_SOURCE,
-                               base_vocab_size=prepared.vocab_stats.base_size)
+    generate.write_generations(pathlib.Path(cfg.workdir), model_cfg, params, tokenizer, step=step, demo=demo,
+                               base_vocab_size=base_size, lora=lora_spec)

@@ -21,7 +21,7 @@ import shutil
 import numpy as np
 
 from wake2vec import convert, data, demo, hosts, optim, parallel, segmentation, vocab, workdir as records
-from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, TrainConfig, dtype_from_name
+from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, RunConfig, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 from wake2vec.model import REMAT_POLICIES
 
@@ -73,16 +73,15 @@ _RANGES = (
 )
 
 
-def validate_flags(cfg: TrainConfig) -> None:
-    """Rejects impossible flag values with the flag's name, before anything is loaded or written.
+def validate_run_flags(cfg: RunConfig) -> None:
+    """Rejects impossible values of the flags a phase's config declares, with the flag's name.
 
-    The mesh is checked here too (it needs only the device count), so a run that cannot
-    start never leaves a config.json that a corrected command would be compared with.
+    The checks are one table for every phase: each applies to the configs that have its
+    field. The mesh is checked here too (it needs only the device count), so a run that
+    cannot start never leaves a config.json that a corrected command would be compared with.
     """
     if not cfg.workdir.strip():
         raise FlagError("--workdir is empty; name the run directory, e.g. --workdir=runs/demo")
-    if not cfg.model.strip():
-        raise FlagError(f"--model is empty; pass a HF hub id, a checkpoint directory, or {DEMO_SOURCE!r}")
     choices = {
         "optimizer": tuple(optim.OPTIMIZERS),
         "schedule": tuple(optim.SCHEDULES),
@@ -92,7 +91,7 @@ def validate_flags(cfg: TrainConfig) -> None:
         "extend_schedule": ("",) + optim.EXTENSIONS,
     }
     for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
+        if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
             raise FlagError(f"--{name}={getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
     for name in ("frozen_dtype", "compute_dtype"):
         try:
@@ -100,18 +99,25 @@ def validate_flags(cfg: TrainConfig) -> None:
         except ValueError as e:
             raise FlagError(f"--{name}: {e}") from None
     for name, holds, requirement in _RANGES:
-        if not holds(getattr(cfg, name)):
+        if hasattr(cfg, name) and not holds(getattr(cfg, name)):
             raise FlagError(f"--{name}={getattr(cfg, name)} must be {requirement}")
+    if cfg.max_steps:
+        _validate_mesh(cfg)
+
+
+def validate_flags(cfg: TrainConfig) -> None:
+    """Phase 1's flags: the shared checks, then a model and, for a real one, its text and lexicon."""
+    if not cfg.model.strip():
+        raise FlagError(f"--model is empty; pass a HF hub id, a checkpoint directory, or {DEMO_SOURCE!r}")
+    validate_run_flags(cfg)
     if cfg.model != DEMO_SOURCE and not (cfg.corpus and cfg.lexicon):
         raise FlagError(
             f"--model={cfg.model!r} is a real checkpoint, so --corpus and --lexicon are required "
             "(only the embedded demo, --model=demo, brings its own text and lexicon)"
         )
-    if cfg.max_steps:
-        _validate_mesh(cfg)
 
 
-def _validate_mesh(cfg: TrainConfig) -> None:
+def _validate_mesh(cfg: RunConfig) -> None:
     import jax
 
     try:
@@ -123,7 +129,7 @@ def _validate_mesh(cfg: TrainConfig) -> None:
                         "the batch is split over every device; change --batch_size")
 
 
-def _check_against_stored(stored: dict, cfg: TrainConfig, hashes: dict[str, str], workdir: pathlib.Path) -> list[dict]:
+def check_against_stored(stored: dict, cfg: RunConfig, hashes: dict[str, str], workdir: pathlib.Path) -> list[dict]:
     """Refuses a rerun whose settings or sources differ; returns the config-change history."""
     from wake2vec import checkpoint  # Orbax: only a rerun on an existing run needs it
 
@@ -158,7 +164,7 @@ def _check_against_stored(stored: dict, cfg: TrainConfig, hashes: dict[str, str]
     return history
 
 
-def _source_hashes(workdir: pathlib.Path, model_dir: pathlib.Path, corpus: pathlib.Path, lexicon: pathlib.Path) -> dict[str, str]:
+def source_hashes(workdir: pathlib.Path, model_dir: pathlib.Path, corpus: pathlib.Path, lexicon: pathlib.Path) -> dict[str, str]:
     """Content hashes of the three sources, each computed once per file state (cached)."""
     return {
         "source_hash": records.cached_digest(workdir, "source", convert.source_files(model_dir),
@@ -168,7 +174,7 @@ def _source_hashes(workdir: pathlib.Path, model_dir: pathlib.Path, corpus: pathl
     }
 
 
-def _corpus_ids(tokenizer, text: str, workdir: pathlib.Path, expected: str | None) -> np.ndarray:
+def corpus_ids(tokenizer, text: str, workdir: pathlib.Path, expected: str | None) -> np.ndarray:
     """The corpus's token ids, from the workdir's cache when it still holds what the run recorded.
 
     A cache whose content no longer matches config.json's corpus_tokens_sha256 is rebuilt
@@ -187,6 +193,21 @@ def _corpus_ids(tokenizer, text: str, workdir: pathlib.Path, expected: str | Non
             "restore the corpus, lexicon and tokenizer it started with, or use a fresh --workdir"
         )
     return ids
+
+
+def corpus_split(cfg: TrainConfig, base_tokenizer, tokenizer, words: list[str], text: str, base_size: int,
+                 cache_dir: pathlib.Path, expected_ids_sha256: str | None):
+    """(ids, train blocks, validation blocks, validation re-segmented mask, segmentation report).
+
+    A pure function of the Phase 1 flags and sources, which is what lets Phase 2 and 3 train
+    and validate on exactly Phase 1's blocks: they call it with the Phase 1 run's flags.
+    """
+    ids = corpus_ids(tokenizer, text, cache_dir, expected_ids_sha256)
+    seg_report, resegmented = segmentation.measure(base_tokenizer, tokenizer, text, words, base_size, cfg.injection)
+    logging.info("segmentation (%s): %s", cfg.injection, seg_report.as_dict())
+    train_blocks, val_blocks = data.split_blocks(data.make_blocks(ids, cfg.seq_len), cfg.val_fraction, cfg.split_shuffle_seed)
+    val_resegmented = data.split_blocks(data.make_blocks(resegmented, cfg.seq_len), cfg.val_fraction, cfg.split_shuffle_seed)[1]
+    return ids, train_blocks, val_blocks, val_resegmented.astype(bool), seg_report
 
 
 def _embeddings_pre(workdir: pathlib.Path, table: np.ndarray, expected: str | None, resumed: bool) -> str:
@@ -214,7 +235,7 @@ def _embeddings_pre(workdir: pathlib.Path, table: np.ndarray, expected: str | No
     return digest
 
 
-def _save_tokenizer(tokenizer, workdir: pathlib.Path) -> str:
+def save_tokenizer(tokenizer, workdir: pathlib.Path) -> str:
     """Writes workdir/tokenizer/ by renaming a complete copy into place; returns tokenizer.json's sha256.
 
     A kill leaves the old directory or the new one, plus at most a staging or retired
@@ -272,20 +293,17 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     words = vocab.load_lexicon(lexicon_path)
     text = data.read_corpus(corpus_path, strip_banners=cfg.strip_banners, start_marker=cfg.start_marker)
 
-    hashes = _source_hashes(workdir, model_dir, pathlib.Path(corpus_path), pathlib.Path(lexicon_path))
-    history = _check_against_stored(stored, cfg, hashes, workdir) if stored else []
+    hashes = source_hashes(workdir, model_dir, pathlib.Path(corpus_path), pathlib.Path(lexicon_path))
+    history = check_against_stored(stored, cfg, hashes, workdir) if stored else []
     schedule = optim.schedule_record(stored, cfg)
     stored = stored or {}
 
     tokenizer, vocab_stats, new_forms = vocab.inject(base_tokenizer, words, cfg.injection, text)
-    ids = _corpus_ids(tokenizer, text, workdir, stored.get("corpus_tokens_sha256"))
-    seg_report, resegmented = segmentation.measure(base_tokenizer, tokenizer, text, words, vocab_stats.base_size, cfg.injection)
-    logging.info("segmentation (%s): %s", cfg.injection, seg_report.as_dict())
-    blocks = data.make_blocks(ids, cfg.seq_len)
-    train_blocks, val_blocks = data.split_blocks(blocks, cfg.val_fraction, cfg.split_shuffle_seed)
-    val_resegmented = data.split_blocks(data.make_blocks(resegmented, cfg.seq_len), cfg.val_fraction, cfg.split_shuffle_seed)[1].astype(bool)
+    split = corpus_split(cfg, base_tokenizer, tokenizer, words, text, vocab_stats.base_size, workdir,
+                         stored.get("corpus_tokens_sha256"))
+    ids, train_blocks, val_blocks, val_resegmented, seg_report = split
     corpus_stats = data.CorpusStats(len(ids), len(train_blocks), len(val_blocks), cfg.seq_len)
-    tokenizer_sha256 = hosts.writer_only(_save_tokenizer)(tokenizer, workdir)
+    tokenizer_sha256 = hosts.writer_only(save_tokenizer)(tokenizer, workdir)
 
     params = convert.drop_padding_rows(convert.load_vocab_rows(model_dir), vocab_stats.base_size)
     # Read (and so checked) before config.json is written; preparing alone needs only the rows.
