@@ -1,0 +1,130 @@
+"""What Phase 2 changed, and a check of what it must not have changed.
+
+Phase 2 trains LoRA adapters only, so the analysis of Phase 1 (norms, drift, neighbours of
+the table) has nothing to measure: the table is the Phase 1 table by construction. The
+study computed a "drift" of zero anyway and reported it. Here the table is *verified*
+instead, bit for bit (sha256 of its float32 bytes against the Phase 1 checkpoint it came
+from, and its padding rows still zero), and the report shows what Phase 2 does change:
+
+* the size of each adapter's update ||(alpha / r) A B||_F per layer and projection (and
+  ||A||, ||B||), as JSON and one figure;
+* the validation loss before and after, overall, by target type, and in windows with and
+  without Wake tokens (wake2vec.train.EVAL_CATEGORIES), read from metrics.jsonl.
+
+Files: workdir/analysis/phase2.json, phase2.md, adapter_norms.png.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from wake2vec import hosts, lora, padding, train, workdir as records
+
+REPORT_JSON, REPORT_MD, NORMS_FIGURE = "phase2.json", "phase2.md", "adapter_norms.png"
+VAL_FIELDS = tuple("val_loss" if c == "all" else f"val_loss_{c}" for c in train.EVAL_CATEGORIES)
+
+
+class TableChangedError(RuntimeError):
+    """The frozen table differs from the Phase 1 table it was loaded from: a bug, not a user error."""
+
+
+def verify_frozen_table(frozen: dict, record: dict) -> dict:
+    """The table check: the frozen table and head now, unpadded, hash as recorded at the start,
+    and their padding rows are zero. Collective (every process gathers the table)."""
+    from wake2vec import phase2
+
+    total = int(record["vocab"]["total"])
+    padded = {k: hosts.host_array(frozen[k]) if k == "embedding" else {"kernel": hosts.host_array(frozen[k]["kernel"])}
+              for k in ("embedding", "lm_head") if k in frozen}
+    real = padding.unpad(padded, total)
+    digest = phase2.table_sha256(real)
+    padding_zero = bool(np.all(padded["embedding"][total:] == 0))
+    if "lm_head" in padded:
+        padding_zero = padding_zero and bool(np.all(padded["lm_head"]["kernel"][:, total:] == 0))
+    expected = record["phase1_table_sha256"]
+    if digest != expected or not padding_zero:
+        raise TableChangedError(f"the frozen table changed during Phase 2 (sha256 {digest[:16]}... vs the Phase 1 "
+                                f"checkpoint's {expected[:16]}...; padding rows zero: {padding_zero})")
+    return {"unchanged": True, "sha256": digest, "phase1_checkpoint": record["phase1"], "padding_rows_zero": padding_zero,
+            "how": "sha256 of the float32 table (and an untied head) after the last step, against the Phase 1 checkpoint's"}
+
+
+def validation_change(events: list[dict]) -> dict:
+    """The first and last evaluation's losses (overall, by target type, by window) and their change."""
+    evals = [e for e in events if "val_loss" in e]
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    rows = {}
+    for field in VAL_FIELDS:
+        before, after = first.get(field), last.get(field)
+        tokens = last.get(field.replace("val_loss", "val_tokens"))
+        change = None if before is None or after is None else after - before
+        rows[field] = {"before": before, "after": after, "change": change, "tokens": tokens}
+    return {"before_step": first["step"], "after_step": last["step"], "losses": rows}
+
+
+def plot_adapter_norms(norms: dict, path: pathlib.Path) -> None:
+    """One line per projection: the update norm ||scale A B||_F by layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), dpi=100)
+    ax = fig.add_subplot()
+    for name, per_layer in norms.items():
+        ax.plot(range(len(per_layer["update"])), per_layer["update"], "o-", label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("||(alpha / r) A B||_F")
+    ax.set_title("Phase 2: size of each adapter's update, by layer and projection")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+
+
+def _markdown(report: dict) -> str:
+    lines = ["# Phase 2: what changed", "",
+             f"Table: unchanged, verified bit for bit (sha256 `{report['table']['sha256'][:16]}...` = the Phase 1 "
+             f"checkpoint at step {report['table']['phase1_checkpoint']['step']}).", ""]
+    change = report.get("validation", {})
+    if change:
+        lines += [f"Validation loss, step {change['before_step']} -> step {change['after_step']} (the LM loss alone):", "",
+                  "| Targets | Before | After | Change | Predictions |", "|:--|--:|--:|--:|--:|"]
+        for field, row in change["losses"].items():
+            cells = ["–" if row[k] is None else f"{row[k]:+.4f}" if k == "change" else f"{row[k]:.4f}"
+                     for k in ("before", "after", "change")]
+            lines.append(f"| {field} | {' | '.join(cells)} | {row['tokens'] if row['tokens'] is not None else '–'} |")
+        lines.append("")
+    lines += ["Adapter update norms ||(alpha/r) A B||_F, mean over layers:", "", "| Projection | Mean | Max |", "|:--|--:|--:|"]
+    for name, per_layer in report["adapter_norms"].items():
+        lines.append(f"| {name} | {np.mean(per_layer['update']):.4g} | {np.max(per_layer['update']):.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_phase2_report(workdir: pathlib.Path, state: train.TrainState, frozen: dict, record: dict, spec: lora.LoraSpec) -> dict:
+    """Verifies the table, measures the adapters, writes the report; returns it (on every process)."""
+    table = verify_frozen_table(frozen, record)
+    adapters = jax.tree_util.tree_map(hosts.host_array, state.trainable["lora"])
+    report = {
+        "phase": 2,
+        "step": int(state.step),
+        "table": table,
+        "lora": {"targets": list(spec.targets), "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout},
+        "adapter_norms": lora.adapter_norms(adapters, spec),
+        "validation": validation_change(records.read_metrics(workdir)),
+    }
+    if hosts.is_writer():
+        out = workdir / "analysis"
+        out.mkdir(parents=True, exist_ok=True)
+        records.atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        records.atomic_write_text(out / REPORT_MD, _markdown(report))
+        plot_adapter_norms(report["adapter_norms"], out / NORMS_FIGURE)
+    return report
