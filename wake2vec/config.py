@@ -517,7 +517,27 @@ class TrainConfig(RunConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class Phase2Config(RunConfig):
+class AdapterRecipe(RunConfig):
+    """The study's defaults for the phases that train LoRA adapters (its Llama-3.2-1B script,
+    shared by the other bases): TinyLlama's 8 blocks x 2 accumulation, AdamW at 2e-5,
+    cosine after 10% warmup, weight decay 0.01, a bf16 body and bf16 compute. A redeclared
+    field without a comment of its own keeps RunConfig's help."""
+
+    batch_size: int = 8
+    grad_accum: int = 2
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    # adamw (the study's Phases 2 and 3) | adafactor.
+    optimizer: str = "adamw"
+    # Decoupled weight decay on the adapters.
+    weight_decay: float = 0.01
+    # Storage dtype of the frozen body: float32 | bfloat16 | float16.
+    frozen_dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase2Config(AdapterRecipe):
     """Every setting of a Phase 2 run; one field per flag of experiments/train_p2.py.
 
     Phase 2 adapts the frozen body with LoRA over the frozen table of a Phase 1 run, on that
@@ -544,16 +564,43 @@ class Phase2Config(RunConfig):
     # Dropout on the adapters' input while training; its mask is drawn from fold_in(seed, step).
     lora_dropout: float = 0.1
 
-    # The study's Phase 2 defaults; a redeclared field without a comment keeps RunConfig's help.
 
-    batch_size: int = 8
-    grad_accum: int = 2
-    lr: float = 2e-5
-    warmup_ratio: float = 0.1
-    # adamw (the study's Phase 2) | adafactor.
-    optimizer: str = "adamw"
-    # Decoupled weight decay on the adapters.
+@dataclasses.dataclass(frozen=True)
+class Phase3Config(AdapterRecipe):
+    """Every setting of a Phase 3 run; one field per flag of experiments/train_p3.py.
+
+    Phase 3 trains a Phase 2 run's adapters together with the Wake rows of its table under
+    the language-model loss plus the study's four alignment terms (wake2vec.alignment), on
+    Phase 1's own blocks. The base rows stay exactly fixed. Defaults are the study's
+    TinyLlama recipe except the Wake rows' rate, which is Phase 1's (the study's was 10x
+    below it, one of its defects), and early stopping, which survives a resume.
+    """
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("workdir", "phase2", "morpheme_groups", "device_groups")
+    mask_base_rows: ClassVar[bool] = True
+
+    # Run directory of this Phase 3 run.
+    workdir: str = "runs/demo_p3"
+    # The Phase 2 workdir to continue: its adapters, and through it Phase 1's table, tokenizer and split.
+    phase2: str = "runs/demo_p2"
+    # Which Phase 2 checkpoint's adapters: best (lowest validation loss) | latest | a step number.
+    phase2_step: str = "best"
+    # Morpheme groups, one JSON object per line (docs/groups.md); empty builds affix groups from the lexicon and the base vocabulary.
+    morpheme_groups: str = ""
+    # Device groups, one JSON object per line (docs/groups.md); empty leaves the device term out (its weight must then be 0).
+    device_groups: str = ""
+    # Groups with fewer pairs than this are dropped (the study: 3).
+    min_group_pairs: int = 3
+    # Weight of L_morph, the spread of a group's offsets v(word) - v(base) (the study: 0.1 on TinyLlama, 50 later).
+    lambda_morph: float = 0.1
+    # Weight of L_device, the device-group triplet margin (the study: 0.05 on TinyLlama, 2 later).
+    lambda_device: float = 0.05
+    # Weight of L_rep, the repulsion of near-identical Wake rows.
+    lambda_rep: float = 0.05
+    # Weight of L_norm, which keeps Wake row norms inside the base rows' band.
+    lambda_norm: float = 0.01
+    # Peak learning rate of the Wake rows (the adapters take --lr); Phase 1's rate by default.
+    wake_lr: float = 5e-4
+    # Decoupled weight decay on the adapters and the Wake rows (never on the base rows: they are masked after it).
     weight_decay: float = 0.01
-    # Storage dtype of the frozen body: float32 | bfloat16 | float16.
-    frozen_dtype: str = "bfloat16"
-    compute_dtype: str = "bfloat16"
+    early_stop_patience: int = 3
