@@ -90,21 +90,22 @@ def demo_preset(cfg: Phase2Config, explicitly_set: set[str]) -> Phase2Config:
     return dataclasses.replace(cfg, **{k: v for k, v in DEMO_PRESET.items() if k not in explicitly_set})
 
 
-def resolve_phase1_step(phase1: pathlib.Path, choice: str) -> int:
-    """The committed Phase 1 step --phase1_step names (best falls back to latest, with a warning)."""
-    steps = checkpoint.committed_steps(phase1)
+def resolve_step(run_dir: pathlib.Path, choice: str, flag: str) -> int:
+    """The committed step of an earlier phase's run that --<flag> names: best (the lowest
+    validation loss; the latest, with a warning, if none recorded one), latest, or a number."""
+    steps = checkpoint.committed_steps(run_dir)
     if not steps:
-        raise PhaseInputError(f"--phase1={phase1} holds no committed checkpoint; train Phase 1 first (or let it reach a save)")
+        raise PhaseInputError(f"{run_dir} holds no committed checkpoint; train that phase first (or let it reach a save)")
     if choice == "latest":
         return steps[-1]
     if choice == "best":
-        best = checkpoint.best_step(phase1)
+        best = checkpoint.best_step(run_dir)
         if best is None:
-            logging.warning("no Phase 1 checkpoint in %s recorded a validation loss; using the latest, step %d", phase1, steps[-1])
+            logging.warning("no checkpoint in %s recorded a validation loss; using the latest, step %d", run_dir, steps[-1])
             return steps[-1]
         return best
     if int(choice) not in steps:
-        raise PhaseInputError(f"--phase1_step={choice}: {phase1} has committed checkpoints {steps} only")
+        raise PhaseInputError(f"--{flag}={choice}: {run_dir} has committed checkpoints {steps} only")
     return int(choice)
 
 
@@ -197,7 +198,7 @@ def prepare_phase2(cfg: Phase2Config):
     # A resumed run adapts the table it started with, even if "best" would now name another step.
     step = (stored or {}).get("phase1", {}).get("step")
     if step is None or stored.get("flags", {}).get("phase1_step") != cfg.phase1_step:
-        step = resolve_phase1_step(phase1, cfg.phase1_step)
+        step = resolve_step(phase1, cfg.phase1_step, "phase1_step")
     total, tied = int(p1["vocab"]["total"]), bool(p1["model"]["tie_word_embeddings"])
     tables = phase1_tables(phase1, step, total, tied)
     hashes = {**inputs.hashes, "phase1_table_sha256": table_sha256(tables)}
