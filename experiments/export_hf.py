@@ -20,6 +20,11 @@ the table bit for bit (and the body upcast exactly); `dtype=torch.bfloat16` ther
 the table. config.json is the source's as it came (a list eos_token_id stays a list),
 with the grown vocab_size, the run's tying and the dtype. Problems are one line saying
 what to fix, and the process exits 1.
+
+A Phase 2 or 3 run (LoRA adapters) exports three directories under DIR: `base/` (the
+model as above, with the run's table and no adapters), `adapter/` (a PEFT adapter:
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR/base), DIR/adapter)`)
+and `merged/` (the adapters merged into the body, loadable with transformers alone).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class ExportConfig:
 
 
 PROVENANCE = "wake2vec_export.json"
+# A Phase 2 or 3 run exports three directories under --out.
+BASE_DIR, ADAPTER_DIR, MERGED_DIR = "base", "adapter", "merged"
 SOURCE_DTYPE = ExportConfig.body_dtype
 
 
@@ -87,16 +94,35 @@ def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE
         raise ExportError(
             f"{tokenizer_dir} has {tokens} tokens but the run's model has {cfg.vocab_size}; the workdir is inconsistent"
         )
+    provenance = {"workdir": str(workdir.resolve()), "step": step, "model_source": record["model_source"],
+                  "source_hash": record["source_hash"], "vocab": record["vocab"], "body_dtype": body_dtype}
+    adapters = params.pop("lora", None)
+    if adapters is None:
+        _write_model(out, cfg, params, source_config, tokenizer_dir)
+    else:
+        from wake2vec import lora
+
+        spec = checkpoint.lora_spec(record)
+        _write_model(out / BASE_DIR, cfg, params, source_config, tokenizer_dir)
+        lora.export_peft(out / ADAPTER_DIR, adapters, spec, cfg, str((out / BASE_DIR).resolve()))
+        _write_model(out / MERGED_DIR, cfg, lora.merge(params, adapters, spec), source_config, tokenizer_dir)
+        provenance.update(phase=record["phase"], lora=record["lora"],
+                          layout={BASE_DIR: "the run's table without adapters: PEFT's base model",
+                                  ADAPTER_DIR: "the adapters, for PeftModel.from_pretrained(base, adapter)",
+                                  MERGED_DIR: "the adapters merged into the body (W + alpha/r A B, in float32, then body_dtype)"})
+    (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return step
+
+
+def _write_model(out: pathlib.Path, cfg, params: dict, source_config: dict | None, tokenizer_dir: pathlib.Path) -> None:
+    from wake2vec import convert
+
     convert.save_hf(cfg, params, out, source_config=source_config)
     # The tokenizer files are copied, not re-serialised, so the export tokenizes exactly
     # as the run did.
     for path in tokenizer_dir.iterdir():
         if path.is_file():
             shutil.copy2(path, out / path.name)
-    provenance = {"workdir": str(workdir.resolve()), "step": step, "model_source": record["model_source"],
-                  "source_hash": record["source_hash"], "vocab": record["vocab"], "body_dtype": body_dtype}
-    (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-    return step
 
 
 def run(cfg: ExportConfig) -> str:

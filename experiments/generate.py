@@ -150,13 +150,20 @@ def run(cfg: GenerateConfig) -> str:
     records.writable_dir(out.parent, "--out")
     model_cfg, params, step, tokenizer, source = load_model(cfg.workdir, cfg.step, cfg.model, cfg.tokenizer)
     # The run's base vocabulary size says which ids are new; a bare --model has none to say.
-    base_vocab_size = None if cfg.model else (records.read_config(pathlib.Path(cfg.workdir)) or {}).get("vocab", {}).get("base_size")
+    record = {} if cfg.model else records.read_config(pathlib.Path(cfg.workdir)) or {}
+    base_vocab_size = record.get("vocab", {}).get("base_size")
+    adapters = None
+    if "lora" in record:  # a Phase 2 or 3 run: its adapters apply unmerged, as trained
+        from wake2vec import checkpoint
+
+        adapters = checkpoint.lora_spec(record)
     # Written beside --out and renamed onto it: a kill never leaves half a file. The JSON
     # twin (the same samples, keys and token ids) takes --out's name with .json.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".generate.") as staging:
         written = generate.write_generations(
             staging, model_cfg, params, tokenizer,
             step=step, settings=settings, source=source, compute_dtype=compute_dtype, base_vocab_size=base_vocab_size,
+            lora=adapters,
         )
         os.replace(written.with_suffix(".json"), out.with_suffix(".json"))
         os.replace(written, out)

@@ -587,6 +587,16 @@ def load_table(workdir, step: int | None = None) -> tuple[np.ndarray, int]:
     return np.asarray(padding.unpad_table(table, total), np.float32), step
 
 
+def lora_spec(record: dict):
+    """The run's adapter settings (a wake2vec.lora.LoraSpec), or None for a Phase 1 run."""
+    if "lora" not in record:
+        return None
+    from wake2vec import lora
+
+    fields = record["lora"]
+    return lora.LoraSpec(tuple(fields["targets"]), int(fields["rank"]), float(fields["alpha"]), float(fields["dropout"]))
+
+
 def load_params(workdir, step: int | None = None, *, as_numpy: bool = False,
                 body_dtype=jnp.float32) -> tuple[ModelConfig, dict, int]:
     """(cfg, params, step) of the trained model: the source body with the trained table(s).
@@ -595,7 +605,8 @@ def load_params(workdir, step: int | None = None, *, as_numpy: bool = False,
     content hash differs from the one the run started with; the trained rows stay float32.
     cfg is the source's with the grown vocabulary and the run's tying; when tied, the
     source's own lm_head is dropped (the table is the head). `as_numpy` keeps host arrays,
-    as convert.load_hf does.
+    as convert.load_hf does. A Phase 2 or 3 run adds its adapters as params["lora"] (apply
+    them with `lora_spec(record)`); a Phase 2 run's table is its Phase 1 checkpoint's.
     """
     record = run_record(workdir)
     source = pathlib.Path(record["model_source"])
@@ -614,14 +625,30 @@ def load_params(workdir, step: int | None = None, *, as_numpy: bool = False,
     trainable, step = load_trainable(workdir, step)
     total = int(record["vocab"]["total"])
     tied = bool(record["model"]["tie_word_embeddings"])
+    adapters = trainable.pop("lora", None)
+    if record.get("phase") == 2:
+        from wake2vec import phase2
+
+        tables = phase2.phase1_tables(pathlib.Path(record["phase1"]["workdir"]), int(record["phase1"]["step"]), total, tied)
+        if phase2.table_sha256(tables) != record["phase1_table_sha256"]:
+            raise CheckpointError(f"the Phase 1 checkpoint {record['phase1']['workdir']} step {record['phase1']['step']} no "
+                                  "longer holds the table this run adapted; restore it")
+        trainable = {**trainable, **tables}
+    elif record.get("phase") == 3 and not tied and "lm_head" not in trainable:
+        from wake2vec import phase2
+
+        trainable["lm_head"] = phase2.phase1_tables(pathlib.Path(record["phase1"]["workdir"]), int(record["phase1"]["step"]),
+                                                    total, tied)["lm_head"]
     source_cfg, params = convert.load_hf(str(source), dtype=body_dtype, as_numpy=True)
     params.pop("lm_head", None)
     if not tied:
         if "lm_head" not in trainable:
-            raise CheckpointError(f"config.json says tie_embeddings=false, but step {step} holds no trained lm_head")
+            raise CheckpointError(f"config.json says the run is untied, but step {step} holds no trained lm_head")
     else:
         trainable.pop("lm_head", None)
     params.update(padding.unpad(trainable, total))
+    if adapters is not None:
+        params["lora"] = adapters
     cfg = source_cfg.replace(vocab_size=total, tie_word_embeddings=tied)
     if not as_numpy:
         params = convert.to_device(params)
