@@ -74,7 +74,7 @@ def source_dtype(source_config: dict) -> str:
 
 def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE) -> int:
     """Writes the HF directory `out` from the run in `workdir`; returns the exported step."""
-    from wake2vec import checkpoint, convert, vocab, workdir as records
+    from wake2vec import checkpoint, vocab, workdir as records
     from wake2vec.config import dtype_from_name
 
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)

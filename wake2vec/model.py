@@ -36,7 +36,7 @@ The public entry points are the functions at the bottom; the modules are interna
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -45,6 +45,9 @@ import numpy as np
 
 from wake2vec import padding, parallel
 from wake2vec.config import ModelConfig
+
+if TYPE_CHECKING:  # wake2vec.lora builds on this module; the model only reads a spec's fields
+    from wake2vec.lora import LoraSpec
 
 Params = dict[str, Any]
 
@@ -146,12 +149,21 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """A projection whose kernel is (in, out): HF's weight transposed; bias only for Qwen2's q/k/v."""
+    """A projection whose kernel is (in, out): HF's weight transposed; bias only for Qwen2's q/k/v.
+
+    When its name is one of `lora.targets` it adds PEFT's LoRA update
+    scale * (dropout(x) @ a) @ b, with a (in, r) and b (r, out) read from the "lora"
+    collection (float32 in storage, cast to the compute dtype at the matmul like the
+    kernel). The module only declares their shapes (zeros): wake2vec.lora.init_adapters
+    draws the values. Dropout is inverted (kept values scaled by 1 / (1 - rate), as torch)
+    and runs only when a "dropout" rng is given, so evaluation is deterministic.
+    """
 
     features: int
     compute_dtype: Any
     param_dtype: Any = jnp.float32
     use_bias: bool = False
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,13 +174,24 @@ class Linear(nn.Module):
         y = jnp.dot(x.astype(self.compute_dtype), kernel.astype(self.compute_dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
+        if self.lora is not None and self.name in self.lora.targets:
+            y = y + self._lora_update(x)
         return y
+
+    def _lora_update(self, x: jax.Array) -> jax.Array:
+        spec, cd = self.lora, self.compute_dtype
+        a = self.variable("lora", "a", jnp.zeros, (x.shape[-1], spec.rank), jnp.float32).value
+        b = self.variable("lora", "b", jnp.zeros, (spec.rank, self.features), jnp.float32).value
+        x = nn.Dropout(spec.dropout, deterministic=not self.has_rng("dropout"))(x)
+        # PEFT's order: lora_B(lora_A(dropout(x))) * scaling.
+        return jnp.dot(jnp.dot(x.astype(cd), a.astype(cd)), b.astype(cd)) * jnp.asarray(spec.scale, cd)
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
     compute_dtype: Any
     param_dtype: Any
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
@@ -178,7 +201,7 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
 
         def proj(n, name, bias=False):
-            return Linear(n, self.compute_dtype, self.param_dtype, use_bias=bias, name=name)
+            return Linear(n, self.compute_dtype, self.param_dtype, use_bias=bias, lora=self.lora, name=name)
 
         q = proj(heads * hd, "q_proj", cfg.qkv_bias)(x).reshape(batch, length, heads, hd)
         k = proj(kv_heads * hd, "k_proj", cfg.qkv_bias)(x).reshape(batch, length, kv_heads, hd)
@@ -210,10 +233,11 @@ class MLP(nn.Module):
     cfg: ModelConfig
     compute_dtype: Any
     param_dtype: Any
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x):
-        proj = lambda n, name: Linear(n, self.compute_dtype, self.param_dtype, name=name)  # noqa: E731
+        proj = lambda n, name: Linear(n, self.compute_dtype, self.param_dtype, lora=self.lora, name=name)  # noqa: E731
         gate = proj(self.cfg.intermediate_size, "gate_proj")(x)
         up = proj(self.cfg.intermediate_size, "up_proj")(x)
         act = _ACTIVATIONS[self.cfg.hidden_act]
@@ -239,6 +263,7 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     compute_dtype: Any
     param_dtype: Any
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, positions, cache_index, window, layer_cache):
@@ -247,15 +272,15 @@ class DecoderLayer(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, pd, offset, name=name)  # noqa: E731
         mask = window_mask(mask, positions, window)
         h = norm("input_layernorm")(x)
-        attn, new_cache = Attention(cfg, cd, pd, name="self_attn")(h, cos, sin, mask, layer_cache, cache_index)
+        attn, new_cache = Attention(cfg, cd, pd, self.lora, name="self_attn")(h, cos, sin, mask, layer_cache, cache_index)
         if cfg.gemma_norms:
             x = x + norm("post_attention_layernorm")(attn)
             h = norm("pre_feedforward_layernorm")(x)
-            x = x + norm("post_feedforward_layernorm")(MLP(cfg, cd, pd, name="mlp")(h))
+            x = x + norm("post_feedforward_layernorm")(MLP(cfg, cd, pd, self.lora, name="mlp")(h))
         else:
             x = x + attn
             h = norm("post_attention_layernorm")(x)
-            x = x + MLP(cfg, cd, pd, name="mlp")(h)
+            x = x + MLP(cfg, cd, pd, self.lora, name="mlp")(h)
         return x, (new_cache, x)
 
 
@@ -272,6 +297,8 @@ class LlamaModel(nn.Module):
     remat: str = "none"
     # Rows of the embedding table; >= cfg.vocab_size when padded for sharding.
     table_rows: int | None = None
+    # LoRA adapters on the body's projections (Phase 2); None: the plain model.
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, input_ids, positions, mask, cache=None, cache_index=0):
@@ -296,13 +323,14 @@ class LlamaModel(nn.Module):
         if self.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         broadcast = nn.broadcast
+        # Adapters stack on the layer axis like the weights; each layer draws its own dropout masks.
         stack = nn.scan(
             layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(broadcast, broadcast, broadcast, broadcast, broadcast, 0, 0),
             length=cfg.num_hidden_layers,
-        )(cfg, self.compute_dtype, self.param_dtype, name="layers")
+        )(cfg, self.compute_dtype, self.param_dtype, self.lora, name="layers")
         layer_cache = None if cache is None else (cache.k, cache.v)
         windows = jnp.asarray(cfg.layer_windows, jnp.int32)
         x, (new_cache, per_layer) = stack(x, cos, sin, mask, positions, cache_index, windows, layer_cache)
@@ -316,12 +344,26 @@ class HiddenOutput(NamedTuple):
     per_layer: jax.Array  # (L, B, T, D) float32, the residual stream after each decoder layer
 
 
-def _module(cfg: ModelConfig, params: Params, compute_dtype, remat: str) -> LlamaModel:
-    return LlamaModel(cfg, compute_dtype=compute_dtype, remat=remat, table_rows=params["embedding"].shape[0])
+def _module(cfg: ModelConfig, params: Params, compute_dtype, remat: str, lora: LoraSpec | None) -> LlamaModel:
+    return LlamaModel(cfg, compute_dtype=compute_dtype, remat=remat, table_rows=params["embedding"].shape[0], lora=lora)
 
 
-def _backbone_params(params: Params) -> Params:
-    return {k: v for k, v in params.items() if k != "lm_head"}
+def _backbone_params(params: Params, lora: LoraSpec | None) -> dict[str, Params]:
+    """LlamaModel's variables: the body's "params" (the head is applied outside) and, with a
+    spec, the adapters `params["lora"]` as the "lora" collection.
+
+    Adapters without a spec (or a spec without adapters) are refused rather than ignored:
+    either would silently evaluate a different model than the caller holds.
+    """
+    if (lora is None) != ("lora" not in params):
+        raise ValueError(
+            "params hold LoRA adapters but no LoraSpec was given" if lora is None
+            else "a LoraSpec was given but params have no 'lora' adapters"
+        )
+    variables = {"params": {k: v for k, v in params.items() if k not in ("lm_head", "lora")}}
+    if lora is not None:
+        variables["lora"] = params["lora"]
+    return variables
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
@@ -357,20 +399,35 @@ def causal_mask(query_positions: jax.Array, key_length: int) -> jax.Array:
 
 
 def hidden_states(
-    cfg: ModelConfig, params: Params, input_ids: jax.Array, *, compute_dtype=jnp.float32, remat: str = "none"
+    cfg: ModelConfig,
+    params: Params,
+    input_ids: jax.Array,
+    *,
+    compute_dtype=jnp.float32,
+    remat: str = "none",
+    lora: LoraSpec | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> HiddenOutput:
-    """Final-normed hidden states and every layer's output for a full causal pass."""
+    """Final-normed hidden states and every layer's output for a full causal pass.
+
+    With `lora`, `params["lora"]` holds the adapters (wake2vec.lora.init_adapters' tree);
+    `dropout_key` turns on their dropout (training), and without it the pass is
+    deterministic (evaluation).
+    """
     batch, length = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
-    hidden, per_layer, _ = _module(cfg, params, compute_dtype, remat).apply(
-        {"params": _backbone_params(params)}, input_ids, positions, causal_mask(positions, length)
+    rngs = {} if dropout_key is None else {"dropout": dropout_key}
+    hidden, per_layer, _ = _module(cfg, params, compute_dtype, remat, lora).apply(
+        _backbone_params(params, lora), input_ids, positions, causal_mask(positions, length), rngs=rngs
     )
     return HiddenOutput(hidden, per_layer)
 
 
-def forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
-    """Logits (B, T, cfg.vocab_size) in float32 for token ids (B, T)."""
-    hidden = hidden_states(cfg, params, input_ids, compute_dtype=compute_dtype).hidden
+def forward(
+    cfg: ModelConfig, params: Params, input_ids: jax.Array, *, compute_dtype=jnp.float32, lora: LoraSpec | None = None
+) -> jax.Array:
+    """Logits (B, T, cfg.vocab_size) in float32 for token ids (B, T); `lora` as in `hidden_states`, no dropout."""
+    hidden = hidden_states(cfg, params, input_ids, compute_dtype=compute_dtype, lora=lora).hidden
     return logits_from_hidden(cfg, params, hidden)
 
 
@@ -388,17 +445,19 @@ def forward_with_cache(
     cache_index: jax.Array | int,
     *,
     compute_dtype=jnp.float32,
+    lora: LoraSpec | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Runs ids (B, T) at positions cache_index .. cache_index+T-1 against the cache.
 
     Writes their keys/values into the cache and attends over every cached position up to
     each query's own, so a prefill (T = prompt length) and a decode step (T = 1) are the same
-    function. Returns float32 logits (B, T, vocab) and the updated cache.
+    function. Returns float32 logits (B, T, vocab) and the updated cache. `lora` as in
+    `forward` (adapters in `params["lora"]`, no dropout).
     """
     batch, length = input_ids.shape
     positions = cache_index + jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
     mask = causal_mask(positions, cache.k.shape[2])
-    hidden, _, new_cache = _module(cfg, params, compute_dtype, "none").apply(
-        {"params": _backbone_params(params)}, input_ids, positions, mask, cache, cache_index
+    hidden, _, new_cache = _module(cfg, params, compute_dtype, "none", lora).apply(
+        _backbone_params(params, lora), input_ids, positions, mask, cache, cache_index
     )
     return logits_from_hidden(cfg, params, hidden), new_cache

@@ -11,6 +11,10 @@
   Padding rows of the vocabulary are masked out of the softmax.
 * Loss semantics follow HF's causal-LM loss: each block of T tokens gives T - 1
   next-token predictions; the step's loss is their mean over every block of the step.
+* Phase 2 (`StepSettings.lora`) trains LoRA adapters, `trainable = {"lora": adapters}`,
+  with the table among the frozen leaves. Their dropout masks are a function of
+  (seed, step, microbatch) alone (`dropout_key`), so a resumed run draws the masks the
+  uninterrupted one did; evaluation never drops.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import optax
 
 from wake2vec import model, optim, parallel
 from wake2vec.config import ModelConfig
+from wake2vec.lora import LoraSpec
 
 
 @flax.struct.dataclass
@@ -45,7 +50,10 @@ class StepSettings:
     compute_dtype: Any = jnp.float32
     remat: str = "full"
     loss_chunk: int = 1024
-    # Seeds the step's randomness (Phase 3's sampled pairs, Phase 2's dropout) as fold_in(seed, step).
+    # LoRA adapters on the body (Phases 2 and 3); None: Phase 1's plain model.
+    lora: LoraSpec | None = None
+    # Seeds the step's randomness as fold_in(seed, step): the adapters' dropout masks
+    # (see dropout_key) and Phase 3's sampled pairs.
     seed: int = 0
 
 
@@ -144,14 +152,21 @@ def _cross_entropy_backward(vocab_size, chunk, compute_dtype, softcap, residuals
 chunked_cross_entropy.defvjp(_cross_entropy_with_grads, _cross_entropy_backward)
 
 
-def weighted_loss_sum(trainable: dict, frozen: dict, ids: jax.Array, weights: jax.Array, settings: StepSettings) -> jax.Array:
+def weighted_loss_sum(
+    trainable: dict, frozen: dict, ids: jax.Array, weights: jax.Array, settings: StepSettings,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
     """Sum of the next-token losses of blocks ids (B, T), weighted by weights (B, T-1).
 
     Weights (B, T-1, K) give the K weighted sums at once (one column per category).
+    `dropout_key` turns on the LoRA adapters' dropout (training steps only).
     """
     cfg = settings.model_cfg
     params = {**frozen, **trainable}
-    hidden = model.hidden_states(cfg, params, ids[:, :-1], compute_dtype=settings.compute_dtype, remat=settings.remat).hidden
+    hidden = model.hidden_states(
+        cfg, params, ids[:, :-1], compute_dtype=settings.compute_dtype, remat=settings.remat,
+        lora=settings.lora, dropout_key=dropout_key,
+    ).hidden
     batch, length = ids[:, 1:].shape
     return chunked_cross_entropy(
         hidden.reshape(batch * length, -1),
@@ -166,7 +181,8 @@ def weighted_loss_sum(trainable: dict, frozen: dict, ids: jax.Array, weights: ja
 
 
 def loss_sum_and_count(
-    trainable: dict, frozen: dict, ids: jax.Array, block_weights: jax.Array, settings: StepSettings
+    trainable: dict, frozen: dict, ids: jax.Array, block_weights: jax.Array, settings: StepSettings,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token losses, number of predicted tokens) for blocks ids (B, T).
 
@@ -175,7 +191,16 @@ def loss_sum_and_count(
     """
     batch, length = ids[:, 1:].shape
     weights = jnp.broadcast_to(block_weights[:, None].astype(jnp.float32), (batch, length))
-    return weighted_loss_sum(trainable, frozen, ids, weights, settings), jnp.sum(weights)
+    return weighted_loss_sum(trainable, frozen, ids, weights, settings, dropout_key), jnp.sum(weights)
+
+
+def dropout_key(seed: int, step: jax.Array, microbatch: jax.Array) -> jax.Array:
+    """The dropout key of microbatch `microbatch` of step `step`: fold_in(fold_in(PRNGKey(seed), step), microbatch).
+
+    Nothing but these three numbers enters it (no key is carried in the state), so a run
+    resumed from a checkpoint draws exactly the masks the uninterrupted run drew.
+    """
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), microbatch)
 
 
 def all_finite(tree) -> jax.Array:
@@ -199,15 +224,16 @@ def make_train_step(
     batch-independent terms (Phase 3's alignment losses) to the objective. They are
     differentiated once per step, not per microbatch, so accumulation never scales them;
     `loss` stays the language-model loss alone and metrics["terms"] holds each term.
-    Its key is fold_in(PRNGKey(seed), step), so a resumed run samples what the
-    uninterrupted one did.
+    Its key is a function of (seed, step) alone (`dropout_key(seed, step, accum)`, an index
+    no microbatch uses), so a resumed run samples what the uninterrupted one did.
     """
 
-    def mean_loss(trainable, frozen, ids):
-        total, count = loss_sum_and_count(trainable, frozen, ids, jnp.ones(ids.shape[0]), settings)
+    def mean_loss(trainable, frozen, ids, key):
+        total, count = loss_sum_and_count(trainable, frozen, ids, jnp.ones(ids.shape[0]), settings, key)
         return total / count
 
     grad_fn = jax.value_and_grad(mean_loss)
+    drops = settings.lora is not None and settings.lora.dropout > 0
 
     def regularizer_total(trainable, frozen, key):
         terms = regularizer(trainable, frozen, key)
@@ -216,19 +242,22 @@ def make_train_step(
     def train_step(state: TrainState, frozen: dict, batch: jax.Array):
         accum = batch.shape[0]
 
-        def microbatch(carry, ids):
+        def microbatch(carry, xs):
             grads, loss = carry
-            micro_loss, micro_grads = grad_fn(state.trainable, frozen, ids)
+            ids, index = xs
+            key = dropout_key(settings.seed, state.step, index) if drops else None
+            micro_loss, micro_grads = grad_fn(state.trainable, frozen, ids, key)
             # Every microbatch predicts the same number of tokens, so the mean of the
             # microbatch means is the mean over the whole step.
             grads = jax.tree_util.tree_map(lambda a, g: a + g / accum, grads, micro_grads)
             return (grads, loss + micro_loss / accum), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
-        (grads, loss), _ = jax.lax.scan(microbatch, (zeros, jnp.zeros((), jnp.float32)), batch)
+        (grads, loss), _ = jax.lax.scan(microbatch, (zeros, jnp.zeros((), jnp.float32)), (batch, jnp.arange(accum)))
         terms = {}
         if regularizer is not None:
-            key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), state.step)
+            # The key of microbatch number `accum`, which no microbatch has: its own stream.
+            key = dropout_key(settings.seed, state.step, jnp.asarray(accum))
             (_, terms), term_grads = jax.value_and_grad(regularizer_total, has_aux=True)(state.trainable, frozen, key)
             grads = jax.tree_util.tree_map(jnp.add, grads, term_grads)
         full_params = {**frozen, **state.trainable}
