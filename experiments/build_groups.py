@@ -69,7 +69,8 @@ def build(cfg: BuildGroupsConfig) -> tuple[list, dict]:
     counts = groups.affix_counts(words, found)
     counts["touching_trainable"] = {}
     for mode in vocab.INJECTION_MODES:
-        # Mid-sentence words are marked forms, which need no corpus to be injected.
+        # Mid-sentence words are marked forms, which need no corpus to be injected; only the
+        # stats are used, so the norm band is left undefined.
         injected, stats, _ = vocab.inject(base, words, mode, "")
         _, data_stats = groups.alignment_data(injected, found, [], stats.base_size, band=(np.nan, np.nan))
         counts["touching_trainable"][mode] = {

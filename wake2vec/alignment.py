@@ -101,7 +101,8 @@ def device_loss(table: jax.Array, words: WordPieces, device: jax.Array, key: jax
     max(0, margin + cos(a, n) - cos(a, p)). A word can only be an anchor when both exist: a
     word alone in its group (size 1) has no positive and is never an anchor, though it still
     serves as a negative for the others. With no eligible anchor (fewer than two groups, or
-    only singletons) the loss is 0.
+    only singletons) the loss is 0. The group masks are (M, M) booleans: cheap for the
+    thousands of words an annotation holds.
     """
     m = words.ids.shape[0]
     if m == 0:
