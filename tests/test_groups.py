@@ -183,3 +183,14 @@ def test_build_groups_flag_errors(tmp_path, capsys):
                          ["build_groups", f"--out={tmp_path / 'g.jsonl'}"])
     assert code == launcher.EXIT_USER_ERROR
     assert "--lexicon, --tokenizer required" in capsys.readouterr().err
+
+
+def test_build_groups_help_lists_its_flags(capsys):
+    assert launcher.main(build_groups.BuildGroupsConfig, build_groups.run, build_groups.__doc__,
+                         ["build_groups", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("lexicon", "tokenizer", "out", "min_pairs", "min_stem"):
+        assert f"  --{flag}  (default: " in text
+    code = launcher.main(build_groups.BuildGroupsConfig, build_groups.run, build_groups.__doc__,
+                         ["build_groups", "--lexicon=l", "--tokenizer=t", "--out=o", "--min_pairs=0"])
+    assert code == launcher.EXIT_USER_ERROR and "--min_pairs=0 must be at least 1" in capsys.readouterr().err
