@@ -142,6 +142,19 @@ def test_the_studys_pieces_without_the_marker_are_other_rows(whole_word_injected
     assert [t.value for t in model.tokenize("house")] == ["house"]
 
 
+def test_under_the_studys_pieces_no_affix_pair_touches_a_wake_row(llama, whole_word_injected):
+    # BUILD.md's figure: 1,141 of the 1,168 affix pairs touch a Wake row in running text, none
+    # when each word is the BPE pieces of its bare string.
+    injected, stats = whole_word_injected
+    lexicon = vocab.load_lexicon(SHARED_DATA / "wake_lexicon.txt")
+    found = groups.build_affix_groups(lexicon, groups.base_whole_words(llama))
+    model = tokenizers_backend(injected).model
+    pairs = [(w, b) for g in found for w, b in zip(g.examples, g.bases)]
+    unmarked = sum(max(t.id for word in pair for t in model.tokenize(word)) >= stats.base_size for pair in pairs)
+    _, info = groups.alignment_data(injected, found, [], stats.base_size, band=(1.0, 0.5))
+    assert (len(pairs), unmarked, info["morph_pairs_touching_trainable"]) == (1168, 0, 1141)
+
+
 def test_alignment_data_counts_pairs_touching_trainable_rows(whole_word_injected):
     injected, stats = whole_word_injected
     # "somehows" is a new row; "house" + "s" = "houses", a base token: that pair touches no Wake row.
