@@ -272,19 +272,17 @@ _MARKERS = (whole_word.SP_MARKER, "Ġ")
 _CONTEXT = {True: ("a", " "), False: ("\n", "")}
 
 
-def subword_piece_ids(base_tokenizer, words: Sequence[str | whole_word.Form]) -> list[list[int]]:
-    """Ids of the pieces the BASE tokenizer gives each new row's word in running text.
+def pieces_in_running_text(tokenizer, words: Sequence[str | whole_word.Form]) -> list[tuple[list[int], list[str]]]:
+    """(ids, tokens) that `tokenizer` gives each word in running text, every piece kept.
 
     A plain string is a marked form (a word after a space). The pieces are those of the word
     inside "a " + word (or "\n" + word, unmarked) minus those of "a" (or "\n"), so a
     byte-level tokenizer spells the word with its word-start marker ("Ġriver", "run") as it
     does mid-text, not as it spells the bare string ("river", "run"); for Llama's layout this
-    is the same as encoding the word alone. When no merge joins the marker with the first
-    letter (digits, punctuation, rare letters) the first piece is a bare marker: it is
-    dropped whenever other pieces remain, since it carries no lexical content and keeping it
-    would pull all such words toward one shared vector.
+    is the same as encoding the word alone. Works for the base tokenizer and for an injected
+    one (a whole-word-injected lexicon word is then its one new id).
     """
-    backend = tokenizers_backend(base_tokenizer)
+    backend = tokenizers_backend(tokenizer)
     forms = [w if isinstance(w, whole_word.Form) else whole_word.Form(w, True) for w in words]
     contexts = {marked: backend.encode(c, add_special_tokens=False).ids for marked, (c, _) in _CONTEXT.items()}
     encodings = backend.encode_batch(["".join(_CONTEXT[f.marked]) + f.word for f in forms], add_special_tokens=False)
@@ -292,12 +290,26 @@ def subword_piece_ids(base_tokenizer, words: Sequence[str | whole_word.Form]) ->
     for form, enc in zip(forms, encodings):
         context = contexts[form.marked]
         if enc.ids[: len(context)] != context:
-            raise AssertionError(f"the base tokenizer merges {form.word!r} into its context {_CONTEXT[form.marked][0]!r}")
-        ids, tokens = enc.ids[len(context):], enc.tokens[len(context):]
+            raise AssertionError(f"the tokenizer merges {form.word!r} into its context {_CONTEXT[form.marked][0]!r}")
+        pieces.append((enc.ids[len(context):], enc.tokens[len(context):]))
+    return pieces
+
+
+def subword_piece_ids(base_tokenizer, words: Sequence[str | whole_word.Form]) -> list[list[int]]:
+    """Ids of the pieces the BASE tokenizer gives each new row's word in running text.
+
+    The pieces of `pieces_in_running_text`, but when no merge joins the marker with the
+    first letter (digits, punctuation, rare letters) the first piece is a bare marker: it is
+    dropped whenever other pieces remain, since it carries no lexical content and keeping it
+    would pull all such words toward one shared vector.
+    """
+    pieces = []
+    for word, (ids, tokens) in zip(words, pieces_in_running_text(base_tokenizer, words)):
         if len(ids) > 1 and tokens[0] in _MARKERS:
             ids = ids[1:]
         if not ids:
-            raise VocabError(f"the base tokenizer splits {form.word!r} into no pieces")
+            word = word.word if isinstance(word, whole_word.Form) else word
+            raise VocabError(f"the base tokenizer splits {word!r} into no pieces")
         pieces.append(ids)
     return pieces
 

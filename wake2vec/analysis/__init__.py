@@ -3,7 +3,7 @@
 metrics.py holds pure functions (arrays -> numbers), report.py composes them into the
 summary dict and writes summary.json, plots.py draws the six-panel figure and the
 source-rank figure; source_pairs.py and source_rank.py rank each coinage's English source
-among its nearest base tokens.
+among its nearest base tokens; morphology.py measures Phase 3's groups (given `groups=`).
 
     from wake2vec import analysis
     summary = analysis.analyze(E_post, base_vocab_size, E_pre=E_pre, tokens=id_to_token)

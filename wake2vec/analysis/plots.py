@@ -3,7 +3,8 @@
 Panels, in the study's order: norm densities (base vs Wake); the three pairwise-cosine
 distributions; cumulative PCA variance; base drift histogram; norm by token index; the
 top-20 eigenvalue spectrum. A second, one-panel figure (`plot_source_ranks`) shows where
-each coinage's English source ranks among its nearest base tokens. Drawn with matplotlib's object API on an Agg canvas, so it
+each coinage's English source ranks among its nearest base tokens; a third
+(`plot_morphology`) Phase 3's per-group morphology measures before and after. Drawn with matplotlib's object API on an Agg canvas, so it
 needs no display and never switches the global pyplot backend of the caller. matplotlib is
 imported when a figure is drawn, not when this module is, so computing a summary never
 pays for it.
@@ -12,7 +13,7 @@ pays for it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -193,4 +194,63 @@ def plot_source_ranks(ranks: Mapping[str, Mapping[str, np.ndarray | None]], n_ca
         ax.text(0.5, 0.5, "no pair maps to rows of this vocabulary", ha="center", va="center",
                 transform=ax.transAxes, fontsize=14)
     ax.grid(alpha=0.3)
+    figure.savefig(path, dpi=DPI)
+
+
+MORPHOLOGY_FIGSIZE_INCHES = (14.0, 6.0)
+_WHEN = {"pre": ("before training", "tab:blue", "o"), "post": ("trained", "tab:orange", "D")}
+# Groups named on the x axis up to this many; beyond, the labels would overlap.
+_MAX_GROUP_LABELS = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class MorphologyFigureData:
+    """What the morphology figure draws (analysis.morphology fills it): per-group values of the
+    trained table ("post") and, given the snapshot, of the table before step 0 ("pre")."""
+
+    morph_names: Sequence[str]
+    consistency: Mapping[str, Sequence[float | None]]  # per morpheme group: mean cos(d_i, mu_g)
+    device_names: Sequence[str]
+    separation: Mapping[str, Sequence[float | None]]  # per device group: intra - inter cosine
+
+
+def _per_group(ax, names: Sequence[str], values: Mapping[str, Sequence[float | None]], title: str,
+               ylabel: str) -> None:
+    """One marker per group and table, groups sorted by the trained value (undefined last)."""
+    ax.set(title=title, ylabel=ylabel)
+    if not values:
+        ax.text(0.5, 0.5, "no groups of this kind given", ha="center", va="center", transform=ax.transAxes,
+                fontsize=14)
+        return
+    post = values["post"]
+    order = sorted(range(len(names)), key=lambda g: -np.inf if post[g] is None else -post[g])
+    x = np.arange(len(order))
+    for when, series in values.items():
+        label, color, marker = _WHEN[when]
+        y = np.array([np.nan if series[g] is None else series[g] for g in order], dtype=np.float64)
+        if np.isfinite(y).any():
+            label += f" (mean {np.nanmean(y):.3f})"
+        ax.plot(x, y, marker, color=color, label=label)
+    if len(order) <= _MAX_GROUP_LABELS:
+        ax.set_xticks(x, [names[g] for g in order], rotation=60, ha="right", fontsize=8)
+    ax.axhline(0.0, color="grey", linewidth=1, linestyle=":")
+    ax.set(xlabel=f"group ({len(order)}, sorted by the trained value)")
+    ax.legend()
+
+
+def plot_morphology(data: MorphologyFigureData, path) -> None:
+    """Two panels, per group, before and after: morpheme-direction consistency and device-group
+    separation (analysis.morphology); a 1400 x 600 px PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=MORPHOLOGY_FIGSIZE_INCHES, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    _per_group(left, data.morph_names, data.consistency, "Morpheme-direction consistency",
+               "mean cos(pair offset, group mean offset)")
+    _per_group(right, data.device_names, data.separation, "Device-group separation",
+               "mean intra-group cosine - mean inter-group cosine")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
     figure.savefig(path, dpi=DPI)

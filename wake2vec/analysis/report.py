@@ -12,7 +12,9 @@ Everything random (subsamples, pairs, neighbour queries) draws from a stream der
 shifts the draws of an existing one. What was sampled, and to what size, is in `meta`.
 
 `run_analysis` also writes summary.json, the six-panel PNG and the source-rank figure; the
-launchers call it.
+launchers call it. Given Phase 3's groups (`groups=`, an alignment.AlignmentData), both add
+the `morphology` section (analysis.morphology) and run_analysis its figure; without them
+the summary is as before.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import numpy as np
 import scipy
 
 import wake2vec
-from wake2vec.analysis import metrics, source_pairs, source_rank
-from wake2vec.analysis.plots import FigureData, plot_embedding_analysis, plot_source_ranks
+from wake2vec.analysis import metrics, morphology, source_pairs, source_rank
+from wake2vec.analysis.plots import FigureData, plot_embedding_analysis, plot_morphology, plot_source_ranks
 
 # The study's partition ratio is O(n^2 D); it used a sample of 5,000 vectors.
 PARTITION_RATIO_SAMPLE = 5_000
@@ -46,6 +48,7 @@ TOP_EIGENVALUES = 20
 SUMMARY_FILENAME = "summary.json"
 FIGURE_FILENAME = "embedding_analysis.png"
 SOURCE_RANK_FIGURE_FILENAME = "source_ranks.png"
+MORPHOLOGY_FIGURE_FILENAME = "morphology.png"
 
 Tokens = Sequence[str] | Mapping[int, str] | None
 
@@ -251,9 +254,10 @@ def _jsonable(value):
     return value
 
 
-def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0, pairs_file=None):
-    """(summary, figure data, source-rank figure data or None): the figures draw the same
-    arrays the summary describes."""
+def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0, pairs_file=None,
+               groups=None, group_names=None):
+    """(summary, figure data, source-rank figure data or None, morphology figure data or None):
+    the figures draw the same arrays the summary describes."""
     E_post, E_pre = _validate(E_post, base_vocab_size, E_pre, seed)
     # A bad pairs file fails before any of the slow work.
     user_pairs = source_pairs.read_pairs(pairs_file) if pairs_file is not None else None
@@ -293,6 +297,10 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
     summary["pca"] = pca
     summary["pairwise_cosine"] = pairwise
     summary["source_rank"] = ranks
+    morphology_figure = None
+    if groups is not None:
+        summary["morphology"], morphology_figure = morphology.section(
+            E_post, groups, _stream(seed, "morphology/device_words"), E_pre=E_pre, names=group_names)
     summary["meta"] = {
         "shapes": {"post": [n_rows, dim], "pre": list(E_pre.shape) if E_pre is not None else None},
         "dtype": str(E_post.dtype),
@@ -343,11 +351,11 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
         base_drift_cosines=drift_base_cosines,
     )
     source_rank_figure = None if figure_ranks is None else (figure_ranks, n_base)
-    return _jsonable(summary), figure_data, source_rank_figure
+    return _jsonable(summary), figure_data, source_rank_figure, morphology_figure
 
 
 def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0,
-            pairs_file=None) -> dict:
+            pairs_file=None, groups=None, group_names=None) -> dict:
     """The embedding-space analysis of a trained table, as a JSON-ready dict.
 
     Args:
@@ -360,13 +368,18 @@ def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, 
       seed: fixes every subsample; the same inputs and seed give the same summary.
       pairs_file: optional file of 'WAKE ENGLISH' lines (source_pairs.read_pairs), ranked as
         the `user` group beside the built-in and edit-distance pairs; needs `tokens`.
+      groups: optional Phase 3 groups, an alignment.AlignmentData (groups.alignment_data);
+        adds the `morphology` section: morpheme-direction consistency and device-group
+        separation, on E_post and (with E_pre) on E_pre.
+      group_names: optional {"morph": [...], "device": [...]} labels of those groups
+        (alignment_data's stats["group_names"]); numbered otherwise.
 
     Returns the summary with keys meta, norms, isotropy, drift (with E_pre), neighbors, pca,
-    pairwise_cosine (see ../shared/ORIGINAL.md and the conventions recorded in meta), and
-    source_rank (null without tokens).
+    pairwise_cosine (see ../shared/ORIGINAL.md and the conventions recorded in meta),
+    source_rank (null without tokens), and morphology (only with groups).
     """
-    summary, _, _ = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed,
-                               pairs_file=pairs_file)
+    summary, _, _, _ = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed,
+                                  pairs_file=pairs_file, groups=groups, group_names=group_names)
     return summary
 
 
@@ -381,15 +394,16 @@ def write_summary(summary: dict, path) -> None:
 
 
 def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: Tokens = None, seed: int = 0,
-                 source: Mapping | None = None, pairs_file=None) -> dict:
-    """analyze(), then writes out_dir/summary.json, out_dir/embedding_analysis.png and, with
-    token names, out_dir/source_ranks.png.
+                 source: Mapping | None = None, pairs_file=None, groups=None, group_names=None) -> dict:
+    """analyze(), then writes out_dir/summary.json, out_dir/embedding_analysis.png, with
+    token names out_dir/source_ranks.png, and with groups out_dir/morphology.png.
 
     `source` (for example {"workdir": ..., "step": ...}) is recorded as meta.source, so a
     summary says which table it describes. Returns the summary.
     """
-    summary, figure_data, source_rank_figure = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens,
-                                                          seed=seed, pairs_file=pairs_file)
+    summary, figure_data, source_rank_figure, morphology_figure = _summarize(
+        E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed, pairs_file=pairs_file, groups=groups,
+        group_names=group_names)
     if source is not None:
         summary["meta"]["source"] = _jsonable(dict(source))
     out_dir = pathlib.Path(out_dir)
@@ -398,6 +412,8 @@ def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: T
     plot_embedding_analysis(figure_data, out_dir / FIGURE_FILENAME)
     if source_rank_figure is not None:
         plot_source_ranks(*source_rank_figure, out_dir / SOURCE_RANK_FIGURE_FILENAME)
+    if morphology_figure is not None:
+        plot_morphology(morphology_figure, out_dir / MORPHOLOGY_FIGURE_FILENAME)
     return summary
 
 
