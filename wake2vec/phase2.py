@@ -242,10 +242,10 @@ def prepare_phase2(cfg: Phase2Config):
                    inputs.val_resegmented, record, settings, curve_title="Phase 2: LoRA over the frozen Phase 1 table")
 
     def finish(state: train.TrainState, frozen_now: dict) -> None:
-        from wake2vec.analysis import adapters as adapter_report
+        from wake2vec.analysis import phases
 
         if cfg.analyze:
-            adapter_report.write_phase2_report(workdir, state, frozen_now, record, spec)
+            phases.write_phase2_report(workdir, state, frozen_now, record, spec)
         if cfg.generate_at_end:
             loop.generate_at_end(cfg, model_cfg, {**frozen_now, **state.trainable}, inputs.tokenizer, int(state.step),
                                  demo=p1.get("model_spec") == DEMO_SOURCE, base_size=base_size, lora_spec=spec)

@@ -79,23 +79,24 @@ def _tree_sha256(tree) -> str:
 def _groups_sha256(morph, devices) -> str:
     """The identity of the groups a run trains with, read or built: a changed file or a
     changed builder is refused on resume like any other changed source."""
-    canonical = json.dumps([[dataclasses.asdict(g) for g in morph], [dataclasses.asdict(g) for g in devices]], sort_keys=True)
+    canonical = json.dumps([[g.as_dict() for g in morph], [dataclasses.asdict(g) for g in devices]], sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _morpheme_groups(cfg: Phase3Config, inputs: phase2.Phase1Inputs, workdir: pathlib.Path):
-    """The groups file's groups, or affix groups built from the lexicon and the base
-    vocabulary (written to workdir/morpheme_groups.jsonl, so the run's inputs are on disk)."""
+    """(groups, where they came from, the builder's counts or None): the groups file's, or
+    affix groups built from the lexicon and the base vocabulary (written to
+    workdir/morpheme_groups.jsonl, so the run's inputs are on disk)."""
     if cfg.morpheme_groups:
-        return groups.read_morpheme_groups(cfg.morpheme_groups, min_pairs=cfg.min_group_pairs), cfg.morpheme_groups
+        return groups.read_morpheme_groups(cfg.morpheme_groups, min_pairs=cfg.min_group_pairs), cfg.morpheme_groups, None
     words = vocab.load_lexicon(inputs.record["lexicon"])
     base_tokenizer = vocab.load_base_tokenizer(inputs.record["tokenizer_source"])
-    built = groups.build_affix_groups(words, groups.base_words(base_tokenizer), min_pairs=cfg.min_group_pairs)
+    built = groups.build_affix_groups(words, groups.base_whole_words(base_tokenizer), min_pairs=cfg.min_group_pairs)
     path = workdir / BUILT_GROUPS
-    hosts.writer_only(groups.write_groups)(path, built.groups)
-    logging.info("built %d affix groups (%d pairs) from the lexicon -> %s", len(built.groups),
-                 sum(len(g.examples) for g in built.groups), path)
-    return built.groups, str(path)
+    groups.write_groups(path, built)
+    counts = groups.affix_counts(words, built)
+    logging.info("built %d affix groups (%d pairs) from the lexicon -> %s", len(built), sum(g.n_examples for g in built), path)
+    return built, str(path), counts
 
 
 def prepare_phase3(cfg: Phase3Config):
@@ -122,9 +123,11 @@ def prepare_phase3(cfg: Phase3Config):
     if step is None or stored.get("flags", {}).get("phase2_step") != cfg.phase2_step:
         step = phase2.resolve_step(p2_dir, cfg.phase2_step, "phase2_step")
     adapters = checkpoint.load_trainable(p2_dir, step)[0]["lora"]
-    morph, morph_source = _morpheme_groups(cfg, inputs, workdir)
+    morph, morph_source, built_counts = _morpheme_groups(cfg, inputs, workdir)
     devices = groups.read_device_groups(cfg.device_groups) if cfg.device_groups else []
-    data, group_stats = groups.alignment_data(inputs.tokenizer, morph, devices, base_size)
+    # The norm band is the base rows' at the start; they never move, so it is theirs throughout.
+    band = tuple(float(x) for x in alignment.norm_band(tables["embedding"], base_size))
+    data, group_stats = groups.alignment_data(inputs.tokenizer, morph, devices, base_size, band=band)
     hashes = {**inputs.hashes, "phase1_table_sha256": p2["phase1_table_sha256"], "phase2_adapters_sha256": _tree_sha256(adapters),
               "groups_sha256": _groups_sha256(morph, devices)}
     history = prepare.check_against_stored(stored, cfg, hashes, workdir) if stored else []
@@ -148,7 +151,8 @@ def prepare_phase3(cfg: Phase3Config):
         "vocab": p2["vocab"],
         "data": p2["data"],
         "lora": p2["lora"],
-        "groups": {"morpheme_groups": morph_source, "device_groups": cfg.device_groups or None, **group_stats},
+        "groups": {"morpheme_groups": morph_source, "device_groups": cfg.device_groups or None, "built": built_counts,
+                   "norm_band": band, **group_stats},
         "config_changes": history,
         **optim.schedule_record(stored, cfg),
     }
@@ -171,10 +175,10 @@ def prepare_phase3(cfg: Phase3Config):
                    curve_title="Phase 3: adapters and Wake rows, LM loss (the alignment terms apart)")
 
     def finish(state: train.TrainState, frozen_now: dict) -> None:
-        from wake2vec.analysis import phase3_report
+        from wake2vec.analysis import phases
 
         if cfg.analyze:
-            phase3_report.write_phase3_report(workdir, state, table_start, record, spec, morph, devices, inputs.tokenizer)
+            phases.write_phase3_report(workdir, state, table_start, record, spec, data, inputs.tokenizer)
         if cfg.generate_at_end:
             loop.generate_at_end(cfg, model_cfg, {**frozen_now, **state.trainable}, inputs.tokenizer, int(state.step),
                                  demo=p2.get("model_spec") == DEMO_SOURCE, base_size=base_size, lora_spec=spec)

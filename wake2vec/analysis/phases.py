@@ -1,4 +1,4 @@
-"""What Phase 2 changed, and a check of what it must not have changed.
+"""What Phases 2 and 3 changed, and a check of what they must not have changed.
 
 Phase 2 trains LoRA adapters only, so the analysis of Phase 1 (norms, drift, neighbours of
 the table) has nothing to measure: the table is the Phase 1 table by construction. The
@@ -12,6 +12,13 @@ from, and its padding rows still zero), and the report shows what Phase 2 does c
   without Wake tokens (wake2vec.train.EVAL_CATEGORIES), read from metrics.jsonl.
 
 Files: workdir/analysis/phase2.json, phase2.md, adapter_norms.png.
+
+Phase 3 trains the Wake rows too, so its report checks the *base* rows bit for bit
+against the table it started from, runs Phase 1's table analysis on the trained table
+(against that start) with the morphology section (wake2vec.analysis.morphology: direction
+consistency of each morpheme group and device-group separation, before and after), and
+adds the adapters and the validation change as for Phase 2: analysis/phase3.json,
+phase3.md, summary.json, embedding_analysis.png, morphology.png, adapter_norms.png.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import numpy as np
 
 from wake2vec import hosts, lora, padding, train, workdir as records
 
-REPORT_JSON, REPORT_MD, NORMS_FIGURE = "phase2.json", "phase2.md", "adapter_norms.png"
+NORMS_FIGURE = "adapter_norms.png"
 VAL_FIELDS = tuple("val_loss" if c == "all" else f"val_loss_{c}" for c in train.EVAL_CATEGORIES)
 
 
@@ -90,10 +97,8 @@ def plot_adapter_norms(norms: dict, path: pathlib.Path) -> None:
     tmp.replace(path)
 
 
-def _markdown(report: dict) -> str:
-    lines = ["# Phase 2: what changed", "",
-             f"Table: unchanged, verified bit for bit (sha256 `{report['table']['sha256'][:16]}...` = the Phase 1 "
-             f"checkpoint at step {report['table']['phase1_checkpoint']['step']}).", ""]
+def _markdown(report: dict, table_line: str) -> str:
+    lines = [f"# Phase {report['phase']}: what changed", "", table_line, ""]
     change = report.get("validation", {})
     if change:
         lines += [f"Validation loss, step {change['before_step']} -> step {change['after_step']} (the LM loss alone):", "",
@@ -109,22 +114,59 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(workdir: pathlib.Path, report: dict, table_line: str) -> None:
+    if not hosts.is_writer():
+        return
+    out = workdir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"phase{report['phase']}"
+    records.atomic_write_text(out / f"{name}.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    records.atomic_write_text(out / f"{name}.md", _markdown(report, table_line))
+    plot_adapter_norms(report["adapter_norms"], out / NORMS_FIGURE)
+
+
+def _adapter_fields(state: train.TrainState, spec: lora.LoraSpec) -> dict:
+    adapters = jax.tree_util.tree_map(hosts.host_array, state.trainable["lora"])
+    return {"lora": {"targets": list(spec.targets), "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout},
+            "adapter_norms": lora.adapter_norms(adapters, spec)}
+
+
 def write_phase2_report(workdir: pathlib.Path, state: train.TrainState, frozen: dict, record: dict, spec: lora.LoraSpec) -> dict:
     """Verifies the table, measures the adapters, writes the report; returns it (on every process)."""
     table = verify_frozen_table(frozen, record)
-    adapters = jax.tree_util.tree_map(hosts.host_array, state.trainable["lora"])
+    report = {"phase": 2, "step": int(state.step), "table": table, **_adapter_fields(state, spec),
+              "validation": validation_change(records.read_metrics(workdir))}
+    _write(workdir, report, f"Table: unchanged, verified bit for bit (sha256 `{table['sha256'][:16]}...` = the Phase 1 "
+                            f"checkpoint at step {table['phase1_checkpoint']['step']}).")
+    return report
+
+
+def write_phase3_report(workdir: pathlib.Path, state: train.TrainState, table_start: np.ndarray, record: dict,
+                        spec: lora.LoraSpec, data, tokenizer) -> dict:
+    """Checks the base rows, analyses the trained table (morphology included) against the
+    start, measures the adapters, writes the report; returns it (on every process)."""
+    from wake2vec.analysis import report as table_report
+
+    total, base_size = int(record["vocab"]["total"]), int(record["vocab"]["base_size"])
+    table = padding.unpad_table(hosts.host_array(state.trainable["embedding"]), total)
+    if not np.array_equal(table[:base_size], table_start[:base_size]):
+        moved = int(np.sum(np.any(table[:base_size] != table_start[:base_size], axis=1)))
+        raise TableChangedError(f"{moved} base rows moved during Phase 3; they are masked, so this is a bug")
+    wake_moved = np.linalg.norm(table[base_size:] - table_start[base_size:], axis=1)
     report = {
-        "phase": 2,
-        "step": int(state.step),
-        "table": table,
-        "lora": {"targets": list(spec.targets), "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout},
-        "adapter_norms": lora.adapter_norms(adapters, spec),
+        "phase": 3, "step": int(state.step),
+        "base_rows": {"unchanged": True, "rows": base_size, "how": "bitwise equality with the table Phase 3 started from"},
+        "wake_rows": {"rows": total - base_size, "movement_l2_mean": float(wake_moved.mean()) if wake_moved.size else 0.0,
+                      "movement_l2_max": float(wake_moved.max()) if wake_moved.size else 0.0},
+        **_adapter_fields(state, spec),
         "validation": validation_change(records.read_metrics(workdir)),
     }
     if hosts.is_writer():
-        out = workdir / "analysis"
-        out.mkdir(parents=True, exist_ok=True)
-        records.atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False) + "\n")
-        records.atomic_write_text(out / REPORT_MD, _markdown(report))
-        plot_adapter_norms(report["adapter_norms"], out / NORMS_FIGURE)
+        tokens = tokenizer.convert_ids_to_tokens(list(range(total)))
+        summary = table_report.run_analysis(table, base_size, workdir / "analysis", E_pre=table_start, tokens=tokens, seed=0,
+                                            source={"workdir": str(workdir), "step": int(state.step), "phase": 3},
+                                            groups=data, group_names=record["groups"]["group_names"])
+        report["morphology"] = summary.get("morphology")
+    _write(workdir, report, f"Base rows: unchanged, verified bit for bit ({base_size:,} rows). Wake rows moved by "
+                            f"{report['wake_rows']['movement_l2_mean']:.4g} on average (L2).")
     return report
