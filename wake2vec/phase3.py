@@ -128,6 +128,7 @@ def prepare_phase3(cfg: Phase3Config):
     # The norm band is the base rows' at the start; they never move, so it is theirs throughout.
     band = tuple(float(x) for x in alignment.norm_band(tables["embedding"], base_size))
     data, group_stats = groups.alignment_data(inputs.tokenizer, morph, devices, base_size, band=band)
+    data_on_device = jax.device_put(data)  # the step indexes it with traced samples
     hashes = {**inputs.hashes, "phase1_table_sha256": p2["phase1_table_sha256"], "phase2_adapters_sha256": _tree_sha256(adapters),
               "groups_sha256": _groups_sha256(morph, devices)}
     history = prepare.check_against_stored(stored, cfg, hashes, workdir) if stored else []
@@ -168,7 +169,7 @@ def prepare_phase3(cfg: Phase3Config):
 
     def regularizer(trainable_now, frozen_now, key):
         del frozen_now
-        return alignment.alignment_terms(trainable_now["embedding"], data, weights, key)
+        return alignment.alignment_terms(trainable_now["embedding"], data_on_device, weights, key)
 
     job = loop.Job(cfg, model_cfg, trainable, frozen, base_size, inputs.train_blocks, inputs.val_blocks, inputs.val_resegmented,
                    record, settings, lr_by_key={"embedding": cfg.wake_lr}, regularizer=regularizer,
