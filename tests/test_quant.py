@@ -143,6 +143,8 @@ def test_quantize_body_replaces_only_the_layer_kernels(fmt):
         for name, leaves in body["layers"][group].items():
             assert set(leaves) == set(quant.LEAVES[fmt]), (group, name)
     assert "kernel" in params["layers"]["mlp"]["up_proj"]  # the input is left as it was
+    shapes = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), body)
+    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), quant.abstract_body(params, fmt)) == shapes
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)

@@ -152,13 +152,18 @@ def dequantize(stored: dict, dtype=jnp.float32) -> jax.Array:
     return kernel.astype(dtype)
 
 
-def quantize_body(params: dict, fmt: str) -> dict:
-    """`params` with every stacked decoder kernel (params["layers"][...]["kernel"]) quantized.
+def quantized_shapes(kernel_shape: tuple[int, ...], fmt: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """The leaves `quantize` makes of a (..., in, out) kernel, as shapes only (for compiling without weights)."""
+    *lead, rows, cols = kernel_shape
+    if fmt == "int8":
+        shapes = ((*lead, rows, cols), np.int8), ((*lead, cols), np.float32)
+    else:
+        shapes = ((*lead, rows // 2, cols), np.uint8), ((*lead, math.ceil(rows / NF4_BLOCK), cols), np.float32)
+    return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in zip(LEAVES[fmt], shapes)}
 
-    Each Linear's {"kernel": (L, in, out)} becomes {codes leaf, scales leaf} (plus its bias,
-    if any); norms, biases, the embedding and lm_head are the same arrays. `params` itself
-    is not modified.
-    """
+
+def _replace_kernels(params: dict, replace: Callable[[Any], dict]) -> dict:
+    """`params` with each {"kernel": k} under params["layers"] swapped for replace(k)'s leaves."""
 
     def walk(node: dict) -> dict:
         out = {}
@@ -166,12 +171,27 @@ def quantize_body(params: dict, fmt: str) -> dict:
             if isinstance(value, dict):
                 out[key] = walk(value)
             elif key == "kernel":
-                out.update(quantize(value, fmt))
+                out.update(replace(value))
             else:
                 out[key] = value
         return out
 
     return {key: walk(value) if key == "layers" else value for key, value in params.items()}
+
+
+def quantize_body(params: dict, fmt: str) -> dict:
+    """`params` with every stacked decoder kernel (params["layers"][...]["kernel"]) quantized.
+
+    Each Linear's {"kernel": (L, in, out)} becomes {codes leaf, scales leaf} (plus its bias,
+    if any); norms, biases, the embedding and lm_head are the same arrays. `params` itself
+    is not modified.
+    """
+    return _replace_kernels(params, lambda kernel: quantize(kernel, fmt))
+
+
+def abstract_body(params: dict, fmt: str) -> dict:
+    """`quantize_body` on shapes: a tree of ShapeDtypeStructs (or arrays) in, the quantized shapes out."""
+    return _replace_kernels(params, lambda kernel: quantized_shapes(kernel.shape, fmt))
 
 
 def read_kernel(module: Any, shape: tuple[int, int], param_dtype: Any, init: Callable) -> jax.Array:
