@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from wake2vec import model, optim, parallel, train
+from wake2vec import model, optim, parallel, quant, train
 from wake2vec.config import ModelConfig, RopeScaling, TrainConfig, dtype_from_name
 
 _OUT = flags.DEFINE_string("out", "docs/bases.md", "Markdown table to write (a .json with the raw figures beside it)")
@@ -109,9 +109,12 @@ def step_memory(cfg: ModelConfig, base_size: int, train_cfg: TrainConfig) -> dic
     """XLA's memory analysis of the compiled Phase 1 step for a grown config (nothing allocated)."""
     mesh = parallel.make_mesh("1,1", jax.devices()[:1])
     rows = parallel.padded_vocab(cfg.vocab_size, mesh)
-    frozen_dtype = dtype_from_name(train_cfg.frozen_dtype)
+    quantized = train_cfg.frozen_dtype in quant.FORMATS
+    frozen_dtype = jnp.float32 if quantized else dtype_from_name(train_cfg.frozen_dtype)
     body = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0), frozen_dtype))
     frozen = {k: v for k, v in body.items() if k not in ("embedding", "lm_head")}
+    if quantized:  # int8 / nf4 leaves in place of the float kernels (wake2vec.quant)
+        frozen = quant.abstract_body(frozen, train_cfg.frozen_dtype)
     trainable = {"embedding": jax.ShapeDtypeStruct((rows, cfg.hidden_size), jnp.float32)}
     tx = optim.make_optimizer(train_cfg, base_size)
     state = _abstract(jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen))
@@ -130,6 +133,7 @@ def step_memory(cfg: ModelConfig, base_size: int, train_cfg: TrainConfig) -> dic
 
     return {
         "table_rows_padded": rows,
+        "frozen_bytes": sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(frozen)),
         "arguments_bytes": default.argument_size_in_bytes,
         "outputs_bytes": default.output_size_in_bytes,
         "temp_bytes": default.temp_size_in_bytes,

@@ -3,6 +3,10 @@
 The batch is split over every device and the frozen body is sharded over every device
 (gathered a layer at a time), so this also checks that those gathers change nothing.
 
+With format names as arguments (`python -m tests.mesh_equivalence int8 nf4`) it runs the
+same step with the body quantized (wake2vec.quant) instead, on one device and on 4,2,
+for tests/test_quant.py: the compressed leaves are sharded and gathered like any other.
+
 Run as a subprocess by tests/test_parallel.py, because XLA_FLAGS must be set before jax
 initialises its backends and the rest of the suite runs on one device.
 """
@@ -11,13 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from wake2vec import model, optim, padding, parallel, train  # noqa: E402
+from wake2vec import model, optim, padding, parallel, quant, train  # noqa: E402
 from wake2vec.config import ModelConfig, TrainConfig  # noqa: E402
 
 CFG = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -25,12 +31,14 @@ CFG = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidd
 TC = TrainConfig(max_steps=10, lr=1e-2, warmup_ratio=0.0, weight_decay=0.01, mask_base_rows=True)
 
 
-def run(mesh_spec: str, devices) -> tuple[list[float], np.ndarray, np.ndarray]:
+def run(mesh_spec: str, devices, fmt: str | None = None) -> tuple[list[float], np.ndarray, np.ndarray]:
     mesh = parallel.make_mesh(mesh_spec, devices)
     rows = parallel.padded_vocab(CFG.vocab_size, mesh)
     params = model.init_params(CFG, jax.random.PRNGKey(0))
     params.update(padding.pad(optim.split_params(params)[0], rows))
     trainable, frozen = optim.split_params(params)
+    if fmt is not None:
+        frozen = quant.quantize_body(jax.tree_util.tree_map(np.asarray, frozen), fmt)
     tx = optim.make_optimizer(TC, 200, CFG.vocab_size)
     state = train.init_state(trainable, frozen, tx)
     # The shardings and the jitted step of a real run (wake2vec.loop builds them the same way).
@@ -49,6 +57,12 @@ def run(mesh_spec: str, devices) -> tuple[list[float], np.ndarray, np.ndarray]:
             state, metrics = step(state, frozen, jax.device_put(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
     assert state.trainable["embedding"].sharding.spec == jax.sharding.PartitionSpec("model", None)
+    if len(devices) > 1 and fmt is not None:
+        # The layer gathers move the compressed leaves (int8 / uint8), not dequantized floats.
+        with jax.set_mesh(mesh):
+            hlo = step.lower(state, frozen, jax.device_put(batch, batch_sharding)).compile().as_text()
+        gathered = set(re.findall(r"= (\w+)\[[\d,]*\](?:\{[^}]*\})? all-gather\(", hlo))
+        assert {"int8": "s8", "nf4": "u8"}[fmt] in gathered, gathered
     if len(devices) > 1:
         # Every stacked layer matrix is split over all the devices: no device holds the body.
         for leaf in jax.tree_util.tree_leaves(frozen["layers"]):
@@ -58,19 +72,24 @@ def run(mesh_spec: str, devices) -> tuple[list[float], np.ndarray, np.ndarray]:
     return losses, real["embedding"], real["lm_head"]["kernel"]
 
 
+def compare(ref, other) -> dict:
+    (ref_losses, ref_table, ref_head), (losses, table, head) = ref, other
+    return {
+        "loss": float(np.max(np.abs(np.subtract(losses, ref_losses)))),
+        "table": float(np.max(np.abs(table - ref_table))),
+        "head": float(np.max(np.abs(head - ref_head))),
+    }
+
+
 def main():
     devices = jax.devices()
     assert len(devices) == 8, devices
-    ref_losses, ref_table, ref_head = run("1,1", devices[:1])
-    report = {}
-    for spec in ("8,1", "4,2", "2,4"):
-        losses, table, head = run(spec, devices)
-        report[spec] = {
-            "loss": float(np.max(np.abs(np.subtract(losses, ref_losses)))),
-            "table": float(np.max(np.abs(table - ref_table))),
-            "head": float(np.max(np.abs(head - ref_head))),
-        }
-    print(json.dumps(report))
+    formats = sys.argv[1:]
+    if formats:
+        print(json.dumps({fmt: compare(run("1,1", devices[:1], fmt), run("4,2", devices, fmt)) for fmt in formats}))
+        return
+    reference = run("1,1", devices[:1])
+    print(json.dumps({spec: compare(reference, run(spec, devices)) for spec in ("8,1", "4,2", "2,4")}))
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ CASES = [
     train("unknown schedule", "--schedule=step", message=r"--schedule='step'; choose one of cosine"),
     train("unknown init", "--init=zeros", message=r"--init='zeros'; choose one of"),
     train("unknown remat", "--remat=some", message=r"--remat='some'; choose one of"),
-    train("unknown frozen dtype", "--frozen_dtype=int8", message=r"--frozen_dtype: unknown dtype 'int8'"),
+    train("unknown frozen dtype", "--frozen_dtype=int4", message=r"--frozen_dtype: unknown dtype 'int4'.*int8, nf4"),
     train("unknown compute dtype", "--compute_dtype=fp64", message=r"--compute_dtype: unknown dtype 'fp64'"),
     train("mesh larger than the devices", "--mesh=3,5", message=r"--mesh='3,5' needs 15 devices but \d+ are available"),
     train("mesh not two integers", "--mesh=abc", message=r"--mesh='abc': expected two integers"),

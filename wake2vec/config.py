@@ -449,7 +449,7 @@ class RunConfig:
     num_processes: int = 0
     # With --coordinator_address: this process's index, 0 to num_processes - 1; process 0 writes the workdir.
     process_id: int = -1
-    # Storage dtype of the frozen transformer weights: float32 | bfloat16 | float16.
+    # Storage of the frozen transformer weights: float32 | bfloat16 | float16, or weight-only int8 | nf4 (wake2vec.quant).
     frozen_dtype: str = "float32"
     # Matmul compute dtype; norms, softmax and the loss always accumulate in float32.
     compute_dtype: str = "float32"
@@ -531,7 +531,6 @@ class AdapterRecipe(RunConfig):
     optimizer: str = "adamw"
     # Decoupled weight decay on the adapters.
     weight_decay: float = 0.01
-    # Storage dtype of the frozen body: float32 | bfloat16 | float16.
     frozen_dtype: str = "bfloat16"
     compute_dtype: str = "bfloat16"
 

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec import padding, parallel
+from wake2vec import padding, quant
 from wake2vec.config import ModelConfig
 
 if TYPE_CHECKING:  # wake2vec.lora builds on this module; the model only reads a spec's fields
@@ -167,10 +167,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.normal(_INIT_STD), (x.shape[-1], self.features), self.param_dtype
-        )
-        kernel = parallel.gather_weights(kernel)  # the body is sharded; this layer is gathered here
+        # A float kernel, or int8 / NF4 leaves dequantized after their gather (wake2vec.quant).
+        kernel = quant.read_kernel(self, (x.shape[-1], self.features), self.param_dtype, nn.initializers.normal(_INIT_STD))
         y = jnp.dot(x.astype(self.compute_dtype), kernel.astype(self.compute_dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)

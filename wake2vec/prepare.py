@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 
-from wake2vec import convert, data, demo, hosts, optim, parallel, segmentation, vocab, workdir as records
+from wake2vec import convert, data, demo, hosts, optim, parallel, quant, segmentation, vocab, workdir as records
 from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, RunConfig, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 from wake2vec.model import REMAT_POLICIES
@@ -94,10 +94,13 @@ def validate_run_flags(cfg: RunConfig) -> None:
         if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
             raise FlagError(f"--{name}={getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
     for name in ("frozen_dtype", "compute_dtype"):
+        if name == "frozen_dtype" and cfg.frozen_dtype in quant.FORMATS:
+            continue  # a weight-only quantized body (wake2vec.quant)
         try:
             dtype_from_name(getattr(cfg, name))
         except ValueError as e:
-            raise FlagError(f"--{name}: {e}") from None
+            formats = f", or a quantized body: {', '.join(quant.FORMATS)}" if name == "frozen_dtype" else ""
+            raise FlagError(f"--{name}: {e}{formats}") from None
     for name, holds, requirement in _RANGES:
         if hasattr(cfg, name) and not holds(getattr(cfg, name)):
             raise FlagError(f"--{name}={getattr(cfg, name)} must be {requirement}")
@@ -255,12 +258,18 @@ def save_tokenizer(tokenizer, workdir: pathlib.Path) -> str:
 
 
 def read_frozen_body(model_dir: pathlib.Path, frozen_dtype: str) -> dict:
-    """The source's transformer body as host arrays in --frozen_dtype, without the table and head."""
+    """The source's transformer body as host arrays in --frozen_dtype, without the table and head.
+
+    A quantized format (int8, nf4) reads the float32 weights, then quantizes every decoder
+    kernel from those exact values (wake2vec.quant.quantize_body).
+    """
     logging.info("reading %s (frozen body as %s)", model_dir, frozen_dtype)
-    _, params = convert.load_hf(str(model_dir), dtype=dtype_from_name(frozen_dtype), as_numpy=True)
+    quantized = frozen_dtype in quant.FORMATS
+    _, params = convert.load_hf(str(model_dir), dtype=np.float32 if quantized else dtype_from_name(frozen_dtype),
+                                as_numpy=True)
     params.pop("embedding")
     params.pop("lm_head", None)
-    return params
+    return quant.quantize_body(params, frozen_dtype) if quantized else params
 
 
 def _grow(table: np.ndarray, stats: vocab.VocabStats, cfg: TrainConfig, seed: int, piece_ids) -> np.ndarray:
