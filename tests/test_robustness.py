@@ -28,10 +28,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from experiments import analyze, build_lexicon, export_hf, generate as generate_cli, train_p1
+from experiments import analyze, build_lexicon, export_hf, generate as generate_cli, train_p1, train_p2, train_p3
 from tests.conftest import REPO_ROOT
 from wake2vec import launcher, workdir as records
-from wake2vec.config import TrainConfig
+from wake2vec.config import Phase2Config, Phase3Config, TrainConfig
 
 FAST = ("--seq_len=32", "--batch_size=2", "--grad_accum=2", "--log_every=2", "--eval_blocks=4", "--eval_every=2",
         "--save_every=2", "--analyze=false", "--generate_at_end=false")
@@ -43,6 +43,8 @@ LAUNCHERS = {
     "generate": (generate_cli.GenerateConfig, generate_cli.run, generate_cli.__doc__, None),
     "export": (export_hf.ExportConfig, export_hf.run, export_hf.__doc__, None),
     "lexicon": (build_lexicon.BuildLexiconConfig, build_lexicon.run, build_lexicon.__doc__, None),
+    "train_p2": (Phase2Config, train_p2.run, train_p2.__doc__, train_p2.demo_preset),
+    "train_p3": (Phase3Config, train_p3.run, train_p3.__doc__, train_p3.demo_preset),
 }
 # Files that are records of the invocation or caches, not results.
 NOT_RESULTS = {".lock", records.HASH_CACHE}

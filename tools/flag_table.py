@@ -1,9 +1,9 @@
-"""Regenerates README.md's table of train_p1 flags from the absl definitions.
+"""Regenerates README.md's tables of the training launchers' flags from the absl definitions.
 
-    python -m tools.flag_table          # rewrite the table in README.md
+    python -m tools.flag_table          # rewrite the tables in README.md
     python -m tools.flag_table --check  # exit 1 if README.md is out of date
 
-The table sits between the markers below; tests/test_docs.py fails when it drifts.
+Each table sits between its markers below; tests/test_docs.py fails when one drifts.
 """
 
 from __future__ import annotations
@@ -12,16 +12,24 @@ import pathlib
 import sys
 
 from wake2vec import flags as config_flags
-from wake2vec.config import TrainConfig
+from wake2vec.config import Phase2Config, Phase3Config, TrainConfig
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- flags:start -->", "<!-- flags:end -->"
+# marker name -> the config whose flags the table lists
+TABLES = {"flags": TrainConfig, "flags_p2": Phase2Config, "flags_p3": Phase3Config}
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def render(readme_text: str) -> str:
-    head, rest = readme_text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{config_flags.markdown_table(TrainConfig)}\n{END}{tail}"
+    for name, config_cls in TABLES.items():
+        start, end = markers(name)
+        head, rest = readme_text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme_text = f"{head}{start}\n{config_flags.markdown_table(config_cls)}\n{end}{tail}"
+    return readme_text
 
 
 def main() -> int:
@@ -29,7 +37,7 @@ def main() -> int:
     updated = render(current)
     if "--check" in sys.argv[1:]:
         if updated != current:
-            print("README.md's flag table is out of date: run python -m tools.flag_table", file=sys.stderr)
+            print("README.md's flag tables are out of date: run python -m tools.flag_table", file=sys.stderr)
             return 1
         return 0
     README.write_text(updated, encoding="utf-8")
