@@ -204,7 +204,8 @@ def export_peft(directory, adapters: Adapters, spec: LoraSpec, model_cfg: ModelC
 
     The files are written into a staging directory beside it, renamed into place at the
     end, so a kill leaves no half-written adapter. Phi-3's fused qkv_proj / gate_up_proj
-    have no per-projection modules in transformers to attach separate adapters to.
+    have no per-projection modules in transformers to attach separate adapters to. Only the
+    writer process writes (hosts.writer_only); the others return None.
     """
     out = pathlib.Path(directory)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -29,6 +29,9 @@ Why this shape:
   scan, so decoding one token costs one position of attention against a preallocated cache.
   A sliding window is a mask over that cache (not a ring buffer), so the cache is the
   same for every family.
+* Phase 2's LoRA adapters (wake2vec.lora) are a second variable collection, "lora", read by
+  the adapted projections and scanned on the layer axis like the weights; without a
+  `LoraSpec` no projection reads it and the model is exactly Phase 1's.
 
 The public entry points are the functions at the bottom; the modules are internal.
 """
