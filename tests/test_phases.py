@@ -139,6 +139,18 @@ def test_phase2_export_is_a_peft_adapter_and_a_merged_model(phase2, tmp_path):
     np.testing.assert_allclose(merged_logits, ours, atol=1e-4)
 
 
+def test_phase2_generate_applies_the_adapters_and_analyze_points_to_phase1(phase2, tmp_path):
+    out = tmp_path / "gen.md"
+    done = subprocess.run([sys.executable, "-m", "experiments.generate", f"--workdir={phase2}", f"--out={out}",
+                           "--temperatures=0", "--max_new_tokens=6"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checkpoint step" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["samples"]
+    analyzed = subprocess.run([sys.executable, "-m", "experiments.analyze", f"--workdir={phase2}"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=600)
+    assert analyzed.returncode == 1 and "is a Phase 2 run" in analyzed.stderr.splitlines()[-1]
+
+
 def _groups_file(phase1: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
     """Morpheme groups over the demo's own coinages (the demo lexicon has no English affixes):
     each coinage paired with a base word, so L_morph has pairs that touch Wake rows."""

@@ -579,7 +579,12 @@ def load_table(workdir, step: int | None = None) -> tuple[np.ndarray, int]:
     The stored table may have padding rows (the vocabulary is padded to shard evenly);
     they are no tokens and are cut off here.
     """
-    total = int(run_record(workdir)["vocab"]["total"])
+    record = run_record(workdir)
+    if record.get("phase") == 2:
+        raise CheckpointError(
+            f"{workdir} is a Phase 2 run: it trains adapters over its Phase 1 table, which it leaves unchanged (verified "
+            f"in analysis/phase2.json); analyse the table of {record['phase1']['workdir']} (step {record['phase1']['step']})")
+    total = int(record["vocab"]["total"])
     trainable, step = load_trainable(workdir, step)
     table = trainable["embedding"]
     if table.shape[0] < total:
