@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.test_train_p1 import _wait_for_commit, read_jsonl
+from tests.test_train_p1 import kill_after_commit, read_jsonl
 
 P1_FAST = ["--seq_len=32", "--batch_size=2", "--grad_accum=2", "--log_every=2", "--eval_blocks=4", "--analyze=false",
            "--generate_at_end=false", "--max_steps=8", "--eval_every=4", "--save_every=4"]
@@ -81,11 +79,7 @@ def test_phase2_sigkill_then_resume_is_bit_identical(phase1, tmp_path):
     done = launch("train_p2", whole, *schedule)
     assert done.returncode == 0, done.stderr[-3000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.train_p2", f"--workdir={killed}", *schedule],
-                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_commit(killed / "checkpoints", proc, 3)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_commit("train_p2", killed, schedule, 3)
     _, interrupted_at = checkpoint.load_trainable(killed)
     assert interrupted_at < 12, "the run finished before the kill; the test proved nothing"
     resumed = launch("train_p2", killed, *schedule)

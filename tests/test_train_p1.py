@@ -135,17 +135,22 @@ def _wait_for_commit(checkpoints: pathlib.Path, proc: subprocess.Popen, step: in
         time.sleep(0.01)
 
 
+def kill_after_commit(launcher: str, workdir: pathlib.Path, flags: list[str], step: int) -> None:
+    """Starts `experiments.<launcher>` on `workdir` and SIGKILLs it once step `step` has committed."""
+    proc = subprocess.Popen([sys.executable, "-m", f"experiments.{launcher}", f"--workdir={workdir}", *flags],
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_commit(workdir / "checkpoints", proc, step)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_after_a_commit_then_resume_is_bit_identical(tmp_path):
     schedule = ["--max_steps=24", "--eval_every=4", "--save_every=4"]
     whole = tmp_path / "whole"
     assert launch(whole, *schedule).returncode == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.train_p1", f"--workdir={killed}", *FAST, *schedule],
-                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_commit(killed / "checkpoints", proc, 8)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_commit("train_p1", killed, [*FAST, *schedule], 8)
     from wake2vec import checkpoint
 
     _, interrupted_at = checkpoint.load_trainable(killed)
