@@ -562,7 +562,9 @@ def run_record(workdir) -> dict:
     record = records.read_config(workdir)
     if record is None:
         raise CheckpointError(f"{workdir / records.CONFIG} not found: is {workdir} a wake2vec training workdir?")
-    for path in (("vocab", "total"), ("model", "tie_word_embeddings"), ("model_source",), ("source_hash",)):
+    if "tie_word_embeddings" not in record.get("model", {}) and "tie_embeddings" not in record.get("flags", {}):
+        raise CheckpointError(f"{workdir / records.CONFIG} has no model.tie_word_embeddings; it was not written by a training run")
+    for path in (("vocab", "total"), ("model_source",), ("source_hash",)):
         node = record
         for key in path:
             if not isinstance(node, dict) or key not in node:
@@ -590,6 +592,13 @@ def load_table(workdir, step: int | None = None) -> tuple[np.ndarray, int]:
     if table.shape[0] < total:
         raise CheckpointError(f"step {step}: the table has {table.shape[0]} rows but config.json says {total} tokens")
     return np.asarray(padding.unpad_table(table, total), np.float32), step
+
+
+def is_tied(record: dict) -> bool:
+    """Whether the run's table is its head: the model record's tying (every phase writes it),
+    or Phase 1's flag in records written before the model record held it."""
+    model = record.get("model", {})
+    return bool(model["tie_word_embeddings"] if "tie_word_embeddings" in model else record["flags"]["tie_embeddings"])
 
 
 def lora_spec(record: dict):
@@ -629,7 +638,7 @@ def load_params(workdir, step: int | None = None, *, as_numpy: bool = False,
         )
     trainable, step = load_trainable(workdir, step)
     total = int(record["vocab"]["total"])
-    tied = bool(record["model"]["tie_word_embeddings"])
+    tied = is_tied(record)
     adapters = trainable.pop("lora", None)
     if record.get("phase") == 2:
         from wake2vec import phase2

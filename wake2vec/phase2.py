@@ -199,7 +199,7 @@ def prepare_phase2(cfg: Phase2Config):
     step = (stored or {}).get("phase1", {}).get("step")
     if step is None or stored.get("flags", {}).get("phase1_step") != cfg.phase1_step:
         step = resolve_step(phase1, cfg.phase1_step, "phase1_step")
-    total, tied = int(p1["vocab"]["total"]), bool(p1["model"]["tie_word_embeddings"])
+    total, tied = int(p1["vocab"]["total"]), checkpoint.is_tied(p1)
     tables = phase1_tables(phase1, step, total, tied)
     hashes = {**inputs.hashes, "phase1_table_sha256": table_sha256(tables)}
     history = prepare.check_against_stored(stored, cfg, hashes, workdir) if stored else []

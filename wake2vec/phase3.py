@@ -113,7 +113,7 @@ def prepare_phase3(cfg: Phase3Config):
         raise phase2.PhaseInputError(f"--phase2={p2_dir} is not a Phase 2 run (its config.json says phase {p2.get('phase', 1)})")
     phase1 = pathlib.Path(p2["phase1"]["workdir"])
     inputs = phase2.phase1_inputs(phase1, workdir)
-    total, tied = int(p2["vocab"]["total"]), bool(p2["model"]["tie_word_embeddings"])
+    total, tied = int(p2["vocab"]["total"]), checkpoint.is_tied(p2)
     base_size = int(p2["vocab"]["base_size"])
     tables = phase2.phase1_tables(phase1, int(p2["phase1"]["step"]), total, tied)
     if phase2.table_sha256(tables) != p2["phase1_table_sha256"]:
