@@ -105,22 +105,27 @@ def _abstract(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-def step_memory(cfg: ModelConfig, base_size: int, train_cfg: TrainConfig) -> dict:
-    """XLA's memory analysis of the compiled Phase 1 step for a grown config (nothing allocated)."""
-    mesh = parallel.make_mesh("1,1", jax.devices()[:1])
-    rows = parallel.padded_vocab(cfg.vocab_size, mesh)
-    quantized = train_cfg.frozen_dtype in quant.FORMATS
-    frozen_dtype = jnp.float32 if quantized else dtype_from_name(train_cfg.frozen_dtype)
-    body = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0), frozen_dtype))
-    frozen = {k: v for k, v in body.items() if k not in ("embedding", "lm_head")}
-    if quantized:  # int8 / nf4 leaves in place of the float kernels (wake2vec.quant)
-        frozen = quant.abstract_body(frozen, train_cfg.frozen_dtype)
-    trainable = {"embedding": jax.ShapeDtypeStruct((rows, cfg.hidden_size), jnp.float32)}
-    tx = optim.make_optimizer(train_cfg, base_size)
+def abstract_body(cfg: ModelConfig, frozen_dtype: str) -> dict:
+    """The frozen body (no table, no head) in --frozen_dtype, as ShapeDtypeStructs (nothing allocated)."""
+    quantized = frozen_dtype in quant.FORMATS
+    dtype = jnp.float32 if quantized else dtype_from_name(frozen_dtype)
+    params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0), dtype))
+    body = {k: v for k, v in params.items() if k not in ("embedding", "lm_head")}
+    # int8 / nf4 leaves in place of the float kernels (wake2vec.quant)
+    return quant.abstract_body(body, frozen_dtype) if quantized else body
+
+
+def tree_bytes(tree) -> int:
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def compiled_memory(tx, schedule, settings: train.StepSettings, trainable: dict, frozen: dict, batch_shape) -> dict:
+    """XLA's memory analysis of train.make_train_step(tx, schedule, settings) on abstract
+    (trainable, frozen, batch) arguments, the state donated as the loop donates it; compiled
+    twice: with the default passes, and with while-loop-invariant-code-motion off."""
     state = _abstract(jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen))
-    batch = jax.ShapeDtypeStruct((train_cfg.grad_accum, train_cfg.batch_size, train_cfg.seq_len), jnp.int32)
-    settings = train.StepSettings(cfg, dtype_from_name(train_cfg.compute_dtype), train_cfg.remat, train_cfg.loss_chunk)
-    step = train.make_train_step(tx, optim.make_schedule(train_cfg), settings)
+    batch = jax.ShapeDtypeStruct(tuple(batch_shape), jnp.int32)
+    step = train.make_train_step(tx, schedule, settings)
     lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch)
     started = time.process_time()
     default = lowered.compile().memory_analysis()
@@ -132,8 +137,6 @@ def step_memory(cfg: ModelConfig, base_size: int, train_cfg: TrainConfig) -> dic
         return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
     return {
-        "table_rows_padded": rows,
-        "frozen_bytes": sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(frozen)),
         "arguments_bytes": default.argument_size_in_bytes,
         "outputs_bytes": default.output_size_in_bytes,
         "temp_bytes": default.temp_size_in_bytes,
@@ -142,6 +145,26 @@ def step_memory(cfg: ModelConfig, base_size: int, train_cfg: TrainConfig) -> dic
         "temp_bytes_per_layer_converts": per_layer.temp_size_in_bytes,
         "peak_bytes_per_layer_converts": peak(per_layer),
         "compile_cpu_s": round(compile_cpu_s, 1),
+    }
+
+
+def padded_rows(cfg: ModelConfig) -> int:
+    """The table's rows as the loop pads them on one device."""
+    return parallel.padded_vocab(cfg.vocab_size, parallel.make_mesh("1,1", jax.devices()[:1]))
+
+
+def step_memory(cfg: ModelConfig, base_size: int, train_cfg: TrainConfig) -> dict:
+    """XLA's memory analysis of the compiled Phase 1 step for a grown config (nothing allocated)."""
+    rows = padded_rows(cfg)
+    frozen = abstract_body(cfg, train_cfg.frozen_dtype)
+    trainable = {"embedding": jax.ShapeDtypeStruct((rows, cfg.hidden_size), jnp.float32)}
+    tx = optim.make_optimizer(train_cfg, base_size)
+    settings = train.StepSettings(cfg, dtype_from_name(train_cfg.compute_dtype), train_cfg.remat, train_cfg.loss_chunk)
+    batch_shape = (train_cfg.grad_accum, train_cfg.batch_size, train_cfg.seq_len)
+    return {
+        "table_rows_padded": rows,
+        "frozen_bytes": tree_bytes(frozen),
+        **compiled_memory(tx, optim.make_schedule(train_cfg), settings, trainable, frozen, batch_shape),
     }
 
 
