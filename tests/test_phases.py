@@ -187,6 +187,12 @@ def test_phase3_keeps_the_base_rows_and_logs_each_term_apart(phase1, phase2, tmp
     assert report["base_rows"]["unchanged"] and report["morphology"] is not None
     assert (workdir / "analysis" / "morphology.png").stat().st_size > 0
     assert record["groups"]["morph_pairs_touching_trainable"] == 12
+    # analyze on a Phase 3 run measures drift against the Phase 1 table it started from.
+    analyzed = subprocess.run([sys.executable, "-m", "experiments.analyze", f"--workdir={workdir}",
+                               f"--out_dir={tmp_path / 'again'}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert analyzed.returncode == 0, analyzed.stderr[-3000:]
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["drift"]["base"]["l2"]["max"] == 0.0  # the base rows did not move
 
 
 def test_phase3_early_stop_survives_a_resume(phase2, tmp_path):

@@ -75,7 +75,7 @@ def validation_change(events: list[dict]) -> dict:
     return {"before_step": first["step"], "after_step": last["step"], "losses": rows}
 
 
-def plot_adapter_norms(norms: dict, path: pathlib.Path) -> None:
+def plot_adapter_norms(norms: dict, path: pathlib.Path, phase: int) -> None:
     """One line per projection: the update norm ||scale A B||_F by layer."""
     import matplotlib
 
@@ -88,7 +88,7 @@ def plot_adapter_norms(norms: dict, path: pathlib.Path) -> None:
         ax.plot(range(len(per_layer["update"])), per_layer["update"], "o-", label=name)
     ax.set_xlabel("layer")
     ax.set_ylabel("||(alpha / r) A B||_F")
-    ax.set_title("Phase 2: size of each adapter's update, by layer and projection")
+    ax.set_title(f"Phase {phase}: size of each adapter's update, by layer and projection")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -122,7 +122,7 @@ def _write(workdir: pathlib.Path, report: dict, table_line: str) -> None:
     name = f"phase{report['phase']}"
     records.atomic_write_text(out / f"{name}.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     records.atomic_write_text(out / f"{name}.md", _markdown(report, table_line))
-    plot_adapter_norms(report["adapter_norms"], out / NORMS_FIGURE)
+    plot_adapter_norms(report["adapter_norms"], out / NORMS_FIGURE, report["phase"])
 
 
 def _adapter_fields(state: train.TrainState, spec: lora.LoraSpec) -> dict:
