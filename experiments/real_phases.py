@@ -19,9 +19,9 @@ the previous phase ended with, so the tables below chain). Into --docs it writes
 
 The recipe is scaled to the 2-core CPU: 256-token blocks, 4 blocks per step, Phase 1 at
 Adafactor 5e-4 (the reference's), Phases 2 and 3 at 2e-4 (the study's 2e-5 is a rate for
-thousands of steps: AdamW moves each adapter weight by at most about the learning rate per
-step and B starts at zero, so 40 steps at 2e-5 leave every update below 1e-3 of its
-weights' scale and the validation loss unchanged to the fourth decimal), float32 throughout,
+thousands of steps: AdamW moves each adapter weight by about the learning rate per step and
+B starts at zero, so 40 steps at 2e-5 move no entry of B by more than about 8e-4, ten times
+less than 2e-4 does), float32 throughout,
 validation on the first 16 held-out blocks. No device groups exist for the Wake yet, so the
 device term is off (--lambda_device=0 in Phase 3).
 """
