@@ -145,3 +145,31 @@ def test_experiment_injection_modes_follow_train_config():
         assert (tc.injection, tc.init, tc.max_steps) == (mode, "hewitt", 5)
     with pytest.raises(real_model.StudyError, match="--injections: unknown mode 'sideways'"):
         real_model.train_config(cfg, "sideways", "hewitt", "w", 5)
+
+def test_phases_2_and_3_on_the_gguf_run(real_run, tmp_path):
+    """Phases 2 and 3 start from the GGUF-sourced Phase 1 run: they rebuild its split from the
+    .gguf model source and tokenizer source, verify its table, and continue its losses."""
+    from wake2vec import phase2, phase3
+    from wake2vec.config import Phase2Config, Phase3Config
+
+    short = dict(batch_size=1, grad_accum=1, max_steps=1, eval_every=1, save_every=1, log_every=1, eval_blocks=2, keep=1,
+                 remat="none", frozen_dtype="float32", compute_dtype="float32")
+    p2, p3 = tmp_path / "p2", tmp_path / "p3"
+    phase2.run(Phase2Config(workdir=str(p2), phase1=str(real_run), phase1_step="latest", lr=2e-4, **short))
+    # Two steps: the warmup's first learning rate is 0, so one step would move no row.
+    phase3.run(Phase3Config(workdir=str(p3), phase2=str(p2), phase2_step="latest", lambda_device=0.0, analyze=False,
+                            **{**short, "max_steps": 2, "eval_every": 2, "save_every": 2}))
+    for run in (p2, p3):
+        config = json.loads((run / "config.json").read_text())
+        assert config["model_source"] == config["tokenizer_source"] == str(GGUF.resolve())
+        assert config["source_hash"] == GGUF_SHA256
+    assert json.loads((p2 / "analysis" / "phase2.json").read_text())["table"]["unchanged"]
+    # B starts at zero, so each phase's first validation is the previous phase's last.
+    last_val = [[e["val_loss"] for e in records.read_metrics(run) if "val_loss" in e] for run in (real_run, p2, p3)]
+    assert last_val[1][0] == pytest.approx(last_val[0][-1], abs=1e-5)
+    assert last_val[2][0] == pytest.approx(last_val[1][-1], abs=1e-5)
+    base = json.loads((real_run / "config.json").read_text())["vocab"]["base_size"]
+    start, _ = checkpoint.load_table(real_run)
+    end, _ = checkpoint.load_table(p3)
+    np.testing.assert_array_equal(end[:base], start[:base])
+    assert np.abs(end[base:] - start[base:]).max() > 0
