@@ -217,7 +217,7 @@ def markdown(cfg: RealPhasesConfig, results: dict, command: str) -> str:
         "Each phase starts from the previous one's last checkpoint.", "",
         "## Validation loss (the LM loss alone), at each phase's start and end", "",
         "nats/token, with the number of predicted tokens. A window is a run of 32 targets; 'with Wake tokens' means "
-        "one of its inputs or targets is a new token.", "",
+        "one of its targets is a new token.", "",
         validation_table(results),
         "## CPU cost", "",
         "CPU-seconds of this process (user + system, all threads) per phase, on the shared 2-core machine:", "",
