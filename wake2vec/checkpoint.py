@@ -640,19 +640,12 @@ def load_params(workdir, step: int | None = None, *, as_numpy: bool = False,
     total = int(record["vocab"]["total"])
     tied = is_tied(record)
     adapters = trainable.pop("lora", None)
-    if record.get("phase") == 2:
+    if record.get("phase") == 2 or (record.get("phase") == 3 and not tied):
         from wake2vec import phase2
 
-        tables = phase2.phase1_tables(pathlib.Path(record["phase1"]["workdir"]), int(record["phase1"]["step"]), total, tied)
-        if phase2.table_sha256(tables) != record["phase1_table_sha256"]:
-            raise CheckpointError(f"the Phase 1 checkpoint {record['phase1']['workdir']} step {record['phase1']['step']} no "
-                                  "longer holds the table this run adapted; restore it")
-        trainable = {**trainable, **tables}
-    elif record.get("phase") == 3 and not tied and "lm_head" not in trainable:
-        from wake2vec import phase2
-
-        trainable["lm_head"] = phase2.phase1_tables(pathlib.Path(record["phase1"]["workdir"]), int(record["phase1"]["step"]),
-                                                    total, tied)["lm_head"]
+        # Phase 2 keeps Phase 1's table and head; Phase 3 trains the table and keeps an untied head.
+        tables = phase2.recorded_phase1_tables(record)
+        trainable = {**tables, **trainable}
     source_cfg, params = convert.load_hf(str(source), dtype=body_dtype, as_numpy=True)
     params.pop("lm_head", None)
     if not tied:

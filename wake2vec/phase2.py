@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import pathlib
 
 import jax
@@ -39,7 +38,7 @@ DEMO_PRESET = dict(
     batch_size=2, grad_accum=2, max_steps=200, lr=1e-3, eval_every=50, save_every=100, log_every=25, keep=2,
     generate_at_end=True, frozen_dtype="float32", compute_dtype="float32",
 )
-PHASE1_STEP_CHOICES = ("best", "latest")
+STEP_CHOICES = ("best", "latest")
 
 
 class PhaseInputError(UserError, ValueError):
@@ -50,15 +49,10 @@ def lora_spec(cfg: Phase2Config) -> lora.LoraSpec:
     return lora.LoraSpec(lora.parse_targets(cfg.lora_targets), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
 
 
-def validate_lora_flags(cfg) -> None:
-    """The adapter flags Phase 2 and Phase 3 share."""
-    lora.parse_targets(cfg.lora_targets)
-    if cfg.lora_rank < 1:
-        raise FlagError(f"--lora_rank={cfg.lora_rank} must be at least 1")
-    if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
-        raise FlagError(f"--lora_alpha={cfg.lora_alpha} must be a finite number > 0")
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        raise FlagError(f"--lora_dropout={cfg.lora_dropout} must be in [0, 1)")
+def check_step_choice(value: str, flag: str) -> None:
+    """--<flag> names an earlier phase's checkpoint: best, latest or a step number."""
+    if value not in STEP_CHOICES and not value.isdigit():
+        raise FlagError(f"--{flag}={value!r}; choose best, latest or a step number")
 
 
 def check_previous_workdir(cfg, flag: str, previous: str, command: str) -> None:
@@ -74,20 +68,25 @@ def check_previous_workdir(cfg, flag: str, previous: str, command: str) -> None:
 
 def validate_flags(cfg: Phase2Config) -> None:
     prepare.validate_run_flags(cfg)
-    validate_lora_flags(cfg)
-    if cfg.phase1_step not in PHASE1_STEP_CHOICES and not cfg.phase1_step.isdigit():
-        raise FlagError(f"--phase1_step={cfg.phase1_step!r}; choose best, latest or a step number")
+    lora.parse_targets(cfg.lora_targets)
+    check_step_choice(cfg.phase1_step, "phase1_step")
     if cfg.snapshot_every:
         raise FlagError("--snapshot_every: Phase 2 trains no table rows, so there is nothing to snapshot; leave it 0")
     check_previous_workdir(cfg, "phase1", cfg.phase1, "python -m experiments.train_p1")
 
 
-def demo_preset(cfg: Phase2Config, explicitly_set: set[str]) -> Phase2Config:
-    """The demo's Phase 2 schedule for every flag not set, when --phase1 is a demo run."""
-    stored = records.read_config(pathlib.Path(cfg.phase1)) if pathlib.Path(cfg.phase1).is_dir() else None
+def preset_after(cfg, previous: str, preset: dict, explicitly_set: set[str]):
+    """`cfg` with `preset` for every flag not set, when the earlier phase's run `previous`
+    comes from the embedded demo (its record's model_spec); otherwise `cfg` as it is."""
+    stored = records.read_config(pathlib.Path(previous)) if pathlib.Path(previous).is_dir() else None
     if not stored or stored.get("model_spec") != DEMO_SOURCE:
         return cfg
-    return dataclasses.replace(cfg, **{k: v for k, v in DEMO_PRESET.items() if k not in explicitly_set})
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in explicitly_set})
+
+
+def demo_preset(cfg: Phase2Config, explicitly_set: set[str]) -> Phase2Config:
+    """The demo's Phase 2 schedule for every flag not set, when --phase1 is a demo run."""
+    return preset_after(cfg, cfg.phase1, DEMO_PRESET, explicitly_set)
 
 
 def resolve_step(run_dir: pathlib.Path, choice: str, flag: str) -> int:
@@ -182,6 +181,17 @@ def phase1_tables(phase1: pathlib.Path, step: int, total: int, tied: bool) -> di
         raise PhaseInputError(f"{phase1}: the run is untied, but step {step} holds no trained lm_head")
     return {k: np.asarray(v, np.float32) if k == "embedding" else {"kernel": np.asarray(v["kernel"], np.float32)}
             for k, v in tables.items()}
+
+
+def recorded_phase1_tables(record: dict) -> dict:
+    """The Phase 1 table (and an untied head) a Phase 2 or 3 run's record names, checked
+    against the sha256 that record holds: a rewritten Phase 1 checkpoint is refused."""
+    phase1, step = pathlib.Path(record["phase1"]["workdir"]), int(record["phase1"]["step"])
+    tables = phase1_tables(phase1, step, int(record["vocab"]["total"]), checkpoint.is_tied(record))
+    if table_sha256(tables) != record["phase1_table_sha256"]:
+        raise PhaseInputError(f"the Phase 1 checkpoint {phase1} step {step} no longer holds the table this run started "
+                              "from; restore it")
+    return tables
 
 
 def prepare_phase2(cfg: Phase2Config):

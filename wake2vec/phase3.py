@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import pathlib
 
 import jax
@@ -40,16 +39,7 @@ DEMO_PRESET = dict(phase2.DEMO_PRESET, max_steps=100, wake_lr=1e-2, lambda_devic
 
 def validate_flags(cfg: Phase3Config) -> None:
     prepare.validate_run_flags(cfg)
-    if cfg.phase2_step not in phase2.PHASE1_STEP_CHOICES and not cfg.phase2_step.isdigit():
-        raise FlagError(f"--phase2_step={cfg.phase2_step!r}; choose best, latest or a step number")
-    for name in ("lambda_morph", "lambda_device", "lambda_rep", "lambda_norm"):
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise FlagError(f"--{name}={value} must be a finite number >= 0 (0 leaves the term out)")
-    if not (math.isfinite(cfg.wake_lr) and cfg.wake_lr > 0):
-        raise FlagError(f"--wake_lr={cfg.wake_lr} must be a finite number > 0")
-    if cfg.min_group_pairs < 1:
-        raise FlagError(f"--min_group_pairs={cfg.min_group_pairs} must be at least 1")
+    phase2.check_step_choice(cfg.phase2_step, "phase2_step")
     if cfg.lambda_device > 0 and not cfg.device_groups:
         raise FlagError(f"--lambda_device={cfg.lambda_device} needs --device_groups (a JSONL file, docs/groups.md); "
                         "pass --lambda_device=0 to train without the device term")
@@ -62,10 +52,7 @@ def validate_flags(cfg: Phase3Config) -> None:
 
 def demo_preset(cfg: Phase3Config, explicitly_set: set[str]) -> Phase3Config:
     """The demo's Phase 3 schedule for every flag not set, when --phase2 comes from the demo."""
-    stored = records.read_config(pathlib.Path(cfg.phase2)) if pathlib.Path(cfg.phase2).is_dir() else None
-    if not stored or stored.get("model_spec") != DEMO_SOURCE:
-        return cfg
-    return dataclasses.replace(cfg, **{k: v for k, v in DEMO_PRESET.items() if k not in explicitly_set})
+    return phase2.preset_after(cfg, cfg.phase2, DEMO_PRESET, explicitly_set)
 
 
 def _tree_sha256(tree) -> str:
@@ -115,10 +102,7 @@ def prepare_phase3(cfg: Phase3Config):
     inputs = phase2.phase1_inputs(phase1, workdir)
     total, tied = int(p2["vocab"]["total"]), checkpoint.is_tied(p2)
     base_size = int(p2["vocab"]["base_size"])
-    tables = phase2.phase1_tables(phase1, int(p2["phase1"]["step"]), total, tied)
-    if phase2.table_sha256(tables) != p2["phase1_table_sha256"]:
-        raise phase2.PhaseInputError(f"the Phase 1 checkpoint {phase1} step {p2['phase1']['step']} no longer holds the "
-                                     "table the Phase 2 run adapted; restore it")
+    tables = phase2.recorded_phase1_tables(p2)
     step = (stored or {}).get("phase2", {}).get("step")
     if step is None or stored.get("flags", {}).get("phase2_step") != cfg.phase2_step:
         step = phase2.resolve_step(p2_dir, cfg.phase2_step, "phase2_step")

@@ -70,6 +70,15 @@ _RANGES = (
     ("init_noise_scale", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("init_sphere_factor", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     ("init_hewitt_eps", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    # Phase 2's adapters
+    ("lora_rank", lambda v: v >= 1, "at least 1"),
+    ("lora_alpha", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("lora_dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    # Phase 3's alignment terms and Wake rows
+    *((name, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 leaves the term out)")
+      for name in ("lambda_morph", "lambda_device", "lambda_rep", "lambda_norm")),
+    ("wake_lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("min_group_pairs", lambda v: v >= 1, "at least 1"),
 )
 
 
