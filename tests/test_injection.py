@@ -218,6 +218,6 @@ def test_real_reference_reproduces_the_study_through_inject(shared_data):
     assert mask.sum() > report.resegmented_occurrences
 
 
-def test_readme_injection_table_is_the_measured_one():
-    # README quotes docs/injection.json, which `python -m tools.injection_table` writes.
+def test_injection_results_page_is_the_measured_one():
+    # docs/results/injection.md quotes docs/injection.json, which `python -m tools.injection_table` writes.
     assert injection_table.main(["--check"]) == 0

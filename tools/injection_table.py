@@ -1,7 +1,7 @@
-"""Measures both injection modes with both tokenizer families on the Wake, for README.md.
+"""Measures both injection modes with both tokenizer families on the Wake, for docs/results/injection.md.
 
-    python -m tools.injection_table [--data=../shared/data]   # measure, write docs/injection.json, update README
-    python -m tools.injection_table --check                   # exit 1 if README.md's table is not the JSON's
+    python -m tools.injection_table [--data=../shared/data]   # measure, write docs/injection.json, update the page
+    python -m tools.injection_table --check                   # exit 1 if the page's table is not the JSON's
 
 The Llama 2 / TinyLlama tokenizer.json stands for SentencePiece-style tokenizers, SmolLM2-135M's
 (read from its GGUF by transformers) for byte-level BPE; the corpus and lexicon are the
@@ -16,7 +16,7 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "results" / "injection.md"
 RESULTS = ROOT / "docs" / "injection.json"
 START, END = "<!-- injection:start -->", "<!-- injection:end -->"
 MODES = ("reference", "whole_word")
@@ -63,18 +63,18 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render(readme_text: str, rows: list[dict]) -> str:
-    head, rest = readme_text.split(START, 1)
+def render(page_text: str, rows: list[dict]) -> str:
+    head, rest = page_text.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{render_table(rows)}\n{END}{tail}"
 
 
 def main(argv: list[str]) -> int:
-    current = README.read_text(encoding="utf-8")
+    current = PAGE.read_text(encoding="utf-8")
     if "--check" in argv:
         rows = json.loads(RESULTS.read_text(encoding="utf-8"))
         if render(current, rows) != current:
-            print("README.md's injection table differs from docs/injection.json: run python -m tools.injection_table",
+            print("docs/results/injection.md's table differs from docs/injection.json: run python -m tools.injection_table",
                   file=sys.stderr)
             return 1
         return 0
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
             data = pathlib.Path(arg.split("=", 1)[1])
     rows = measure(data)
     RESULTS.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    README.write_text(render(current, rows), encoding="utf-8")
+    PAGE.write_text(render(current, rows), encoding="utf-8")
     print(render_table(rows))
     return 0
 
