@@ -137,12 +137,12 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
         raise AnalysisInputError(f"{workdir / records.CONFIG} has no vocab.base_size; use --post/--pre/--base_vocab_size "
                                  "instead") from None
     out_dir = records.writable_dir(pathlib.Path(out_dir) if out_dir is not None else workdir / "analysis", "--out_dir")
-    from wake2vec import checkpoint  # pulls in JAX and Orbax; only this mode needs them
+    from wake2vec import runs  # pulls in JAX and Orbax; only this mode needs them
 
     # A Phase 2 run's table is its Phase 1 table: load_table says so, before anything else is read.
-    E_post, loaded_step = checkpoint.load_table(workdir, step=step)  # padding rows already cut
+    E_post, loaded_step = runs.load_table(workdir, step=step)  # padding rows already cut
     if config.get("phase") == 3:  # its table before training is the Phase 1 table it started from
-        E_pre, _ = checkpoint.load_table(config["phase1"]["workdir"], int(config["phase1"]["step"]))
+        E_pre, _ = runs.load_table(config["phase1"]["workdir"], int(config["phase1"]["step"]))
     else:
         E_pre = records.verified_npy(workdir / "embeddings_pre.npy", config.get("embeddings_pre_sha256"),
                                      "rerun the training command on this workdir to rewrite it, or analyse without drift "

@@ -74,20 +74,20 @@ def source_dtype(source_config: dict) -> str:
 
 def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE) -> int:
     """Writes the HF directory `out` from the run in `workdir`; returns the exported step."""
-    from wake2vec import checkpoint, vocab, workdir as records
+    from wake2vec import runs, vocab, workdir as records
     from wake2vec.config import dtype_from_name
 
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out={out} is not empty; export into a new or empty directory")
     records.writable_dir(out, "--out")
-    record = checkpoint.run_record(workdir)
+    record = runs.run_record(workdir)
     source_config_path = pathlib.Path(record["model_source"]) / "config.json"
     # load_params below says what to do when the source is missing.
     source_config = json.loads(source_config_path.read_text()) if source_config_path.is_file() else None
     if body_dtype == SOURCE_DTYPE:
         body_dtype = source_dtype(source_config or {})
-    cfg, params, step = checkpoint.load_params(workdir, step, as_numpy=True, body_dtype=dtype_from_name(body_dtype))
+    cfg, params, step = runs.load_params(workdir, step, as_numpy=True, body_dtype=dtype_from_name(body_dtype))
     tokenizer_dir = records.verified_tokenizer_dir(workdir, record)
     tokens = len(vocab.load_base_tokenizer(tokenizer_dir))
     if tokens != cfg.vocab_size:
@@ -102,7 +102,7 @@ def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE
     else:
         from wake2vec import lora
 
-        spec = checkpoint.lora_spec(record)
+        spec = runs.lora_spec(record)
         _write_model(out / BASE_DIR, cfg, params, source_config, tokenizer_dir)
         lora.export_peft(out / ADAPTER_DIR, adapters, spec, cfg, str((out / BASE_DIR).resolve()))
         _write_model(out / MERGED_DIR, cfg, lora.merge(params, adapters, spec), source_config, tokenizer_dir)

@@ -109,9 +109,9 @@ def load_model(workdir: str, step: int | None, model_dir: str, tokenizer_dir: st
         cfg, params = convert.load_hf(model_dir)
         return cfg, params, None, vocab.load_base_tokenizer(tokenizer_dir or model_dir), f"HF checkpoint {model_dir}"
     # Imported here: the checkpoint module pulls in Orbax, which --model runs never need.
-    from wake2vec import checkpoint
+    from wake2vec import runs
 
-    cfg, params, loaded_step = checkpoint.load_params(workdir, step)
+    cfg, params, loaded_step = runs.load_params(workdir, step)
     if not tokenizer_dir:
         tokenizer_dir = records.verified_tokenizer_dir(pathlib.Path(workdir), records.read_config(pathlib.Path(workdir)) or {})
     return cfg, params, loaded_step, vocab.load_base_tokenizer(tokenizer_dir), f"run {workdir}"
@@ -154,9 +154,9 @@ def run(cfg: GenerateConfig) -> str:
     base_vocab_size = record.get("vocab", {}).get("base_size")
     adapters = None
     if "lora" in record:  # a Phase 2 or 3 run: its adapters apply unmerged, as trained
-        from wake2vec import checkpoint
+        from wake2vec import runs
 
-        adapters = checkpoint.lora_spec(record)
+        adapters = runs.lora_spec(record)
     # Written beside --out and renamed onto it: a kill never leaves half a file. The JSON
     # twin (the same samples, keys and token ids) takes --out's name with .json.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".generate.") as staging:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec import checkpoint, convert, data, generate, launcher, loop, prepare, train, vocab, workdir as records
+from wake2vec import runs, convert, data, generate, launcher, loop, prepare, train, vocab, workdir as records
 from wake2vec.analysis import metrics
 from wake2vec.config import ModelConfig, TrainConfig
 from wake2vec.errors import UserError
@@ -229,7 +229,7 @@ def run_mode(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> dict:
     result["analysis"]["drift"] = {g: {k: summary["drift"][g][k] for k in ("cosine", "l2")} for g in ("base", "new")}
 
     logging.info("[%s] neighbours and generations", mode)
-    model_cfg, params, _ = checkpoint.load_params(workdir, as_numpy=True)
+    model_cfg, params, _ = runs.load_params(workdir, as_numpy=True)
     tokenizer = vocab.load_base_tokenizer(workdir / "tokenizer")
     base_size = summary["meta"]["base_vocab_size"]
     queries = neighbour_queries(cfg, tokenizer, base_size)

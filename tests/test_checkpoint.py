@@ -29,7 +29,7 @@ import pytest
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 
 from benchmarks.checkpoint_size import tinyllama_state
-from wake2vec import checkpoint, model, optim, train
+from wake2vec import checkpoint, runs, model, optim, train
 from wake2vec.checkpoint import CheckpointDiskFullError, CheckpointError, Checkpointer
 from wake2vec.config import ModelConfig, TrainConfig
 
@@ -143,7 +143,7 @@ import pathlib, sys
 import jax
 from jax.sharding import PartitionSpec as P
 from benchmarks.checkpoint_size import tinyllama_state
-from wake2vec import checkpoint, parallel, train
+from wake2vec import checkpoint, runs, parallel, train
 
 directory = pathlib.Path(sys.argv[1])
 mesh = parallel.make_mesh("1,2")
@@ -255,7 +255,7 @@ def test_save_of_a_committed_step_is_a_no_op_and_of_an_older_step_an_error(tmp_p
 _KILLED_SAVER = """
 import pathlib, sys, time
 from benchmarks.checkpoint_size import tinyllama_state
-from wake2vec import checkpoint
+from wake2vec import checkpoint, runs
 
 directory, where, marker = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
 state = tinyllama_state(rows=256, dim=64)
@@ -485,7 +485,7 @@ def test_load_table_cuts_padding_and_load_trainable_selects_steps(tmp_path, run,
         ckpt.save(run.at_step(step))
     ckpt.close()
 
-    table, step = checkpoint.load_table(tmp_path)
+    table, step = runs.load_table(tmp_path)
     assert step == 3 and table.dtype == np.float32 and table.shape == (VOCAB, MODEL_CFG.hidden_size)
     np.testing.assert_array_equal(table, np.asarray(run.at_step(3).trainable["embedding"])[:VOCAB])
     trainable, step = checkpoint.load_trainable(tmp_path, step=2)
@@ -497,7 +497,7 @@ def test_load_table_cuts_padding_and_load_trainable_selects_steps(tmp_path, run,
     # A reader falls back past an unusable latest step too, but leaves the directory alone.
     CORRUPTIONS["garbled_table"](tmp_path / "checkpoints" / "3")
     with caplog.at_level(logging.WARNING):
-        _, step = checkpoint.load_table(tmp_path)
+        _, step = runs.load_table(tmp_path)
     assert step == 2 and "step 3" in caplog.text
     assert (tmp_path / "checkpoints" / "3").is_dir()
     with pytest.raises(CheckpointError, match=r"step 3 in .*checksum"):
@@ -506,7 +506,7 @@ def test_load_table_cuts_padding_and_load_trainable_selects_steps(tmp_path, run,
 
 def test_loaders_explain_a_workdir_without_run_or_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="config.json not found"):
-        checkpoint.load_table(tmp_path)
+        runs.load_table(tmp_path)
     write_run_config(tmp_path)
     with pytest.raises(CheckpointError, match="no committed checkpoint in .*train first"):
-        checkpoint.load_table(tmp_path)
+        runs.load_table(tmp_path)

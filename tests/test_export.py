@@ -1,4 +1,4 @@
-"""experiments/export_hf and checkpoint.load_params: a trained run, opened by transformers.
+"""experiments/export_hf and runs.load_params: a trained run, opened by transformers.
 
 Each workdir is what a run leaves: a tiny HF source written by convert.save_hf, a word-level
 tokenizer grown with vocab.augment_tokenizer, config.json, and one checkpoint whose table
@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from experiments import export_hf
 from tests.hf_oracle import torch, transformers
-from wake2vec import checkpoint, convert, model, optim, train, vocab
+from wake2vec import checkpoint, runs, convert, model, optim, train, vocab
 from wake2vec.config import ModelConfig, TrainConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_export_loads_in_transformers_with_wake2vec_logits(tmp_path, case):
     total = len(BASE_WORDS) + len(LEXICON) - 1
     assert export_hf.export(workdir, tmp_path / "out") == STEP
 
-    cfg, params, step = checkpoint.load_params(workdir)
+    cfg, params, step = runs.load_params(workdir)
     assert step == STEP and cfg.vocab_size == total and cfg.tie_word_embeddings == run_tied
     assert ("lm_head" in params) == (not run_tied)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -140,7 +140,7 @@ def test_a_changed_source_is_refused_with_both_hashes(tmp_path):
     convert.save_hf(cfg, params, source)
     new_hash = convert.source_hash(source)
     with pytest.raises(checkpoint.CheckpointError, match=rf"changed .*{record['source_hash'][:16]}.*{new_hash[:16]}"):
-        checkpoint.load_params(workdir)
+        runs.load_params(workdir)
 
 
 def test_cli_exports_a_chosen_step_and_exits_non_zero_on_errors(tmp_path):

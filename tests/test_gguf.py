@@ -180,6 +180,7 @@ def _wake_ids(tokenizer, n: int) -> np.ndarray:
     return np.asarray([tokenizer(text, add_special_tokens=False)["input_ids"][:n]])
 
 
+@pytest.mark.slow  # reads and dequantizes the real 4-bit SmolLM2 GGUF
 def test_real_config_and_weights_equal_transformers_load(smollm, smollm_hf):
     cfg, params, _ = smollm
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
@@ -207,6 +208,7 @@ def _float64_logits(hf, ids) -> np.ndarray:
             p.data = p.data.float()
 
 
+@pytest.mark.slow  # reads and dequantizes the real 4-bit SmolLM2 GGUF
 def test_real_logits_match_transformers_on_600_wake_tokens(smollm, smollm_hf):
     """Within float32 noise of the float64 truth, as transformers' own float32 forward is.
 
@@ -231,6 +233,7 @@ def test_real_logits_match_transformers_on_600_wake_tokens(smollm, smollm_hf):
     np.testing.assert_array_equal(ours.argmax(-1), theirs32.argmax(-1))
 
 
+@pytest.mark.slow  # reads and dequantizes the real 4-bit SmolLM2 GGUF
 def test_real_greedy_32_tokens_equal_transformers(smollm, smollm_hf):
     cfg, params, tokenizer = smollm
     prompt = np.asarray([tokenizer(generate.STUDY_PROMPT, add_special_tokens=False)["input_ids"]])
@@ -244,6 +247,7 @@ def test_real_greedy_32_tokens_equal_transformers(smollm, smollm_hf):
     np.testing.assert_array_equal(ours, out.sequences.numpy())
 
 
+@pytest.mark.slow  # reads and dequantizes the real 4-bit SmolLM2 GGUF
 def test_real_tokenizer_equals_transformers_except_digit_runs(smollm):
     """Same ids on the Wake's digit-free lines; transformers differs on spaces before digits.
 
@@ -263,6 +267,7 @@ def test_real_tokenizer_equals_transformers_except_digit_runs(smollm):
     assert theirs.convert_ids_to_tokens(theirs(digits)["input_ids"]) == ["x", "ĠĠ", "Ġ", "1", "2"]
 
 
+@pytest.mark.slow  # reads and dequantizes the real 4-bit SmolLM2 GGUF
 def test_real_wake_lexicon_injection(smollm):
     """The whole lexicon: 574 words already tokens, 44,416 new, with transformers' own ids."""
     _, _, base = smollm

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from tests.hf_oracle import hf_llama, save_checkpoint, torch, transformers
-from wake2vec import checkpoint, generate, loop
+from wake2vec import runs, generate, loop
 from wake2vec.config import TrainConfig
 
 BASE = ["[UNK]"] + [f"w{i}" for i in range(149)]  # 150 base tokens
@@ -132,7 +132,7 @@ def test_phase1_run_matches_the_hf_trainer_recipe(tmp_path, case):
         # The logged grad_norm is the pre-clip norm HF Trainer logs.
         np.testing.assert_allclose([e["grad_norm"] for e in events], norms, rtol=1e-5)
 
-    trained, _ = checkpoint.load_table(workdir)
+    trained, _ = runs.load_table(workdir)
     pre = np.load(workdir / "embeddings_pre.npy")
     movement = np.abs(table - pre).max()
     loss_diff, table_diff = np.abs(ours - losses).max(), np.abs(trained - table).max()

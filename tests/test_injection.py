@@ -196,6 +196,7 @@ def _real(shared: pathlib.Path, family: str, mode: str):
     return tok, stats, report, mask
 
 
+@pytest.mark.slow  # tokenizes the whole Wake twice
 @pytest.mark.parametrize("family", ["llama", "smollm2"])
 def test_real_whole_word_meets_the_targets_on_the_whole_wake(shared_data, family):
     _, stats, report, mask = _real(shared_data, family, "whole_word")

@@ -20,8 +20,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO_ROOT
+
+# slow tier: real jax.distributed processes and kill/resume chains
+pytestmark = pytest.mark.slow
 
 # The mesh puts every device on 'model', so the table's rows are split across the two
 # processes: host copies must really be gathered, and no process holds the whole table.
@@ -98,7 +102,7 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
 
 
 def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
-    from wake2vec import checkpoint
+    from wake2vec import checkpoint, runs
 
     audits = tmp_path / "audit"
     audits.mkdir()
@@ -115,8 +119,8 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
     # in another order than the in-process ones. Losses are float32 sums (about 1,800 for
     # one eval batch, where one ulp is 1.2e-4), so they agree to a relative 1e-6 (a few
     # ulps); the table, whose entries are about 0.02, to 1e-6 absolute.
-    table_one, _ = checkpoint.load_table(one)
-    table_two, step = checkpoint.load_table(two)
+    table_one, _ = runs.load_table(one)
+    table_two, step = runs.load_table(two)
     assert step == 12
     np.testing.assert_allclose(table_two, table_one, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(np.load(two / "snapshots" / "embeddings_step_12.npy"), table_two)

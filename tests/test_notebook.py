@@ -17,6 +17,9 @@ nbclient = pytest.importorskip("nbclient")
 
 from tests.conftest import REPO_ROOT  # noqa: E402
 
+# slow tier: executes the whole Colab notebook
+pytestmark = pytest.mark.slow
+
 NOTEBOOK = REPO_ROOT / "notebooks" / "wake2vec_colab.ipynb"
 FEW_STEPS = ["--max_steps=4", "--eval_every=2", "--save_every=2", "--log_every=2", "--seq_len=32",
              "--batch_size=2", "--grad_accum=1", "--eval_blocks=4"]

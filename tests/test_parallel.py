@@ -14,6 +14,7 @@ from tests.conftest import REPO_ROOT
 from wake2vec import parallel
 
 
+@pytest.mark.slow  # 8-device meshes
 def test_data_and_model_meshes_match_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-m", "tests.mesh_equivalence"], cwd=REPO_ROOT, env=env,
@@ -27,6 +28,7 @@ def test_data_and_model_meshes_match_one_device():
         assert max(diffs.values()) <= 1e-5, (spec, diffs)
 
 
+@pytest.mark.slow  # compiles on several 8-device meshes
 def test_per_device_flops_do_not_depend_on_the_mesh():
     """At a fixed global batch, the compiled step's per-device FLOPs are the same on 8,1 / 4,2 / 2,4.
 

@@ -71,6 +71,7 @@ def test_phase2_trains_only_the_adapters_on_phase1s_own_blocks(phase1, phase2):
     assert all(e["train_loss"] > 0 for e in p2_events if "train_loss" in e)
 
 
+@pytest.mark.slow  # kill/resume chain of launcher runs
 def test_phase2_sigkill_then_resume_is_bit_identical(phase1, tmp_path):
     from wake2vec import checkpoint
 
@@ -111,14 +112,14 @@ def test_phase2_export_is_a_peft_adapter_and_a_merged_model(phase2, tmp_path):
     transformers = pytest.importorskip("transformers")
     import jax.numpy as jnp
 
-    from wake2vec import checkpoint, model
+    from wake2vec import runs, model
 
     out = tmp_path / "export"
     done = subprocess.run([sys.executable, "-m", "experiments.export_hf", f"--workdir={phase2}", f"--out={out}"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    cfg, params, _ = checkpoint.load_params(phase2)
-    spec = checkpoint.lora_spec(json.loads((phase2 / "config.json").read_text()))
+    cfg, params, _ = runs.load_params(phase2)
+    spec = runs.lora_spec(json.loads((phase2 / "config.json").read_text()))
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
     ours = np.asarray(model.forward(cfg, params, jnp.asarray(ids), lora=spec))
     base = transformers.AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32).eval()
@@ -160,7 +161,7 @@ def _groups_file(phase1: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
 
 
 def test_phase3_keeps_the_base_rows_and_logs_each_term_apart(phase1, phase2, tmp_path):
-    from wake2vec import checkpoint, padding
+    from wake2vec import checkpoint, runs, padding
 
     groups_path = _groups_file(phase1, tmp_path / "groups.jsonl")
     workdir = tmp_path / "p3"
@@ -178,7 +179,7 @@ def test_phase3_keeps_the_base_rows_and_logs_each_term_apart(phase1, phase2, tmp
     np.testing.assert_allclose(p3_first["val_loss"], p2_last["val_loss"], rtol=1e-6)
     record = json.loads((workdir / "config.json").read_text())
     base, total = record["vocab"]["base_size"], record["vocab"]["total"]
-    start, _ = checkpoint.load_table(phase1, 8)
+    start, _ = runs.load_table(phase1, 8)
     trainable, _ = checkpoint.load_trainable(workdir)
     table = padding.unpad_table(trainable["embedding"], total)
     np.testing.assert_array_equal(table[:base], start[:base])  # bit for bit, weight decay included
@@ -195,6 +196,7 @@ def test_phase3_keeps_the_base_rows_and_logs_each_term_apart(phase1, phase2, tmp
     assert summary["drift"]["base"]["l2"]["max"] == 0.0  # the base rows did not move
 
 
+@pytest.mark.slow  # chain of launcher runs
 def test_phase3_early_stop_survives_a_resume(phase2, tmp_path):
     workdir = tmp_path / "p3"
     # A Wake-row rate this large makes the validation loss rise at once: patience 1 stops it.
@@ -211,6 +213,7 @@ def test_phase3_early_stop_survives_a_resume(phase2, tmp_path):
     assert read_jsonl(workdir / "metrics.jsonl") == events
 
 
+@pytest.mark.slow  # 8-device mesh
 def test_phase2_step_on_a_mesh_equals_one_device():
     import os
 

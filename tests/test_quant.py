@@ -184,6 +184,7 @@ def test_frozen_dtype_flag_accepts_the_formats_and_names_them_when_wrong():
         prepare.validate_flags(TrainConfig(compute_dtype="int8", max_steps=0))
 
 
+@pytest.mark.slow  # 8-device mesh
 def test_quantized_leaves_shard_and_gather_on_a_mesh():
     """4,2 of 8 forced host devices = one device with the same quantized body; every
     compressed 3-axis leaf split over all devices, and the gathers move int8 / uint8."""

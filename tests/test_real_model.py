@@ -19,7 +19,10 @@ import pytest
 from experiments import export_hf
 from tests.conftest import REPO_ROOT, SHARED_DATA
 from tests.hf_oracle import hf_logits, transformers
-from wake2vec import checkpoint, convert, model, workdir as records
+from wake2vec import runs, convert, model, workdir as records
+
+# slow tier: runs the launchers on the real SmolLM2 GGUF fixture
+pytestmark = pytest.mark.slow
 
 GGUF = SHARED_DATA / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # PROVENANCE.md
@@ -58,7 +61,7 @@ def test_phase1_run_on_the_gguf_file(real_run):
     # The 4-bit instruct model on the Wake's opening: between a fluent-English loss (~3 nats)
     # and a uniform guess over 93,568 tokens (11.4 nats).
     assert len(val) == 2 and all(3.0 < v < 11.4 for v in val)
-    trained, _ = checkpoint.load_table(real_run)
+    trained, _ = runs.load_table(real_run)
     assert np.abs(trained - np.load(real_run / "embeddings_pre.npy")).max() > 0
 
 
@@ -71,7 +74,7 @@ def test_export_of_the_gguf_run_loads_in_transformers(real_run, tmp_path):
                                 "commodius vicus of recirculation back to Howth Castle and Environs.",
                                 add_special_tokens=False)["input_ids"]])
     assert (ids >= 49_152).sum() >= 2  # Wake words went in as the new tokens
-    cfg, params, _ = checkpoint.load_params(real_run)
+    cfg, params, _ = runs.load_params(real_run)
     state = exported.state_dict()
     for name, weight in convert.hf_state_dict(cfg, params).items():
         np.testing.assert_array_equal(state[name].numpy(), weight, err_msg=name)
@@ -169,7 +172,7 @@ def test_phases_2_and_3_on_the_gguf_run(real_run, tmp_path):
     assert last_val[1][0] == pytest.approx(last_val[0][-1], abs=1e-5)
     assert last_val[2][0] == pytest.approx(last_val[1][-1], abs=1e-5)
     base = json.loads((real_run / "config.json").read_text())["vocab"]["base_size"]
-    start, _ = checkpoint.load_table(real_run)
-    end, _ = checkpoint.load_table(p3)
+    start, _ = runs.load_table(real_run)
+    end, _ = runs.load_table(p3)
     np.testing.assert_array_equal(end[:base], start[:base])
     assert np.abs(end[base:] - start[base:]).max() > 0

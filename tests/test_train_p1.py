@@ -34,9 +34,9 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
 
 
 def final_table(workdir: pathlib.Path) -> np.ndarray:
-    from wake2vec import checkpoint
+    from wake2vec import runs
 
-    table, _ = checkpoint.load_table(workdir)
+    table, _ = runs.load_table(workdir)
     return table
 
 
@@ -96,6 +96,7 @@ def test_max_steps_zero_prepares_and_exits(tmp_path):
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow  # chain of four launcher runs
 def test_changed_config_is_refused_then_accepted_with_the_flag(tmp_path):
     assert launch(tmp_path, "--max_steps=2", "--eval_every=2", "--save_every=2").returncode == 0
     stored_lr = json.loads((tmp_path / "config.json").read_text())["flags"]["lr"]
@@ -144,6 +145,7 @@ def kill_after_commit(launcher: str, workdir: pathlib.Path, flags: list[str], st
     proc.wait()
 
 
+@pytest.mark.slow  # kill/resume chain of launcher runs
 def test_sigkill_after_a_commit_then_resume_is_bit_identical(tmp_path):
     schedule = ["--max_steps=24", "--eval_every=4", "--save_every=4"]
     whole = tmp_path / "whole"

@@ -20,7 +20,6 @@ folds the adapters into the kernels for an export that needs no PEFT at all.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -33,13 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from wake2vec import convert, hosts, model
+from wake2vec.lora_spec import PROJECTIONS, STUDY_TARGETS, LoraSpec  # noqa: F401 (re-exported: lora.LoraSpec)
 from wake2vec.config import FlagError, ModelConfig
 from wake2vec.errors import UserError
 from wake2vec.workdir import OutputDirError
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The study adapts attention's q/k/v and the whole MLP, not the attention output.
-STUDY_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 _BLOCK = {name: "self_attn" if name in PROJECTIONS[:4] else "mlp" for name in PROJECTIONS}
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -53,33 +50,6 @@ Adapters = dict
 
 class PeftFormatError(UserError, ValueError):
     """A PEFT adapter directory is missing, malformed, or uses a LoRA variant wake2vec does not model."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """Which projections are adapted and how: static (hashable), so it selects the compiled program.
-
-    `targets` are kept in PROJECTIONS order, so two specs naming the same projections are
-    equal (and hash alike) whatever order they were written in.
-    """
-
-    targets: tuple[str, ...] = STUDY_TARGETS
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-
-    def __post_init__(self):
-        unknown = sorted(set(self.targets) - set(PROJECTIONS))
-        if unknown or not self.targets:
-            raise ValueError(f"LoRA targets {self.targets!r}: need one or more of {PROJECTIONS}")
-        if self.rank < 1 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA rank {self.rank} must be >= 1 and dropout {self.dropout} in [0, 1)")
-        object.__setattr__(self, "targets", tuple(p for p in PROJECTIONS if p in self.targets))
-
-    @property
-    def scale(self) -> float:
-        """PEFT's scaling without rsLoRA: alpha / r."""
-        return self.alpha / self.rank
 
 
 def parse_targets(text: str) -> tuple[str, ...]:

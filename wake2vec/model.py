@@ -39,7 +39,7 @@ The public entry points are the functions at the bottom; the modules are interna
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -48,9 +48,8 @@ import numpy as np
 
 from wake2vec import padding, quant
 from wake2vec.config import ModelConfig
+from wake2vec.lora_spec import LoraSpec
 
-if TYPE_CHECKING:  # wake2vec.lora builds on this module; the model only reads a spec's fields
-    from wake2vec.lora import LoraSpec
 
 Params = dict[str, Any]
 

@@ -22,14 +22,13 @@ through its Phase 2 run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import pathlib
 
 import jax
 import numpy as np
 
-from wake2vec import checkpoint, convert, data, hosts, lora, optim, padding, prepare, train, vocab, workdir as records
+from wake2vec import checkpoint, runs, convert, data, hosts, lora, optim, prepare, train, vocab, workdir as records
 from wake2vec.config import DEMO_SOURCE, FlagError, Phase2Config, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 
@@ -136,7 +135,7 @@ def phase1_inputs(phase1: pathlib.Path, cache_dir: pathlib.Path) -> Phase1Inputs
     still hash as that run recorded, and the corpus must tokenize to the ids it recorded,
     so the split is Phase 1's own. Derived files go to `cache_dir` (this phase's workdir).
     """
-    record = checkpoint.run_record(phase1)
+    record = runs.run_record(phase1)
     flags = _phase1_flags(record)
     model_dir = pathlib.Path(record["model_source"])
     corpus, lexicon = pathlib.Path(record["corpus"]), pathlib.Path(record["lexicon"])
@@ -159,41 +158,6 @@ def phase1_inputs(phase1: pathlib.Path, cache_dir: pathlib.Path) -> Phase1Inputs
     return Phase1Inputs(record, flags, model_dir, tokenizer, record["vocab"], train_blocks, val_blocks, val_resegmented, hashes)
 
 
-def table_sha256(tables: dict) -> str:
-    """One digest over the table and an untied head (float32 bytes, row-major): the identity
-    of a frozen table that the analysis checks at the end."""
-    digest = hashlib.sha256()
-    for key in ("embedding", "lm_head"):
-        if key in tables:
-            leaf = tables[key] if key == "embedding" else tables[key]["kernel"]
-            digest.update(key.encode())
-            digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
-    return digest.hexdigest()
-
-
-def phase1_tables(phase1: pathlib.Path, step: int, total: int, tied: bool) -> dict:
-    """The Phase 1 table (and an untied head) of `step`, padding rows cut."""
-    trainable, _ = checkpoint.load_trainable(phase1, step)
-    tables = padding.unpad(trainable, total)
-    if tied:
-        tables.pop("lm_head", None)
-    elif "lm_head" not in tables:
-        raise PhaseInputError(f"{phase1}: the run is untied, but step {step} holds no trained lm_head")
-    return {k: np.asarray(v, np.float32) if k == "embedding" else {"kernel": np.asarray(v["kernel"], np.float32)}
-            for k, v in tables.items()}
-
-
-def recorded_phase1_tables(record: dict) -> dict:
-    """The Phase 1 table (and an untied head) a Phase 2 or 3 run's record names, checked
-    against the sha256 that record holds: a rewritten Phase 1 checkpoint is refused."""
-    phase1, step = pathlib.Path(record["phase1"]["workdir"]), int(record["phase1"]["step"])
-    tables = phase1_tables(phase1, step, int(record["vocab"]["total"]), checkpoint.is_tied(record))
-    if table_sha256(tables) != record["phase1_table_sha256"]:
-        raise PhaseInputError(f"the Phase 1 checkpoint {phase1} step {step} no longer holds the table this run started "
-                              "from; restore it")
-    return tables
-
-
 def prepare_phase2(cfg: Phase2Config):
     """The Phase 2 job: adapters trainable; body, table and head frozen; Phase 1's blocks."""
     from wake2vec import loop
@@ -209,9 +173,9 @@ def prepare_phase2(cfg: Phase2Config):
     step = (stored or {}).get("phase1", {}).get("step")
     if step is None or stored.get("flags", {}).get("phase1_step") != cfg.phase1_step:
         step = resolve_step(phase1, cfg.phase1_step, "phase1_step")
-    total, tied = int(p1["vocab"]["total"]), checkpoint.is_tied(p1)
-    tables = phase1_tables(phase1, step, total, tied)
-    hashes = {**inputs.hashes, "phase1_table_sha256": table_sha256(tables)}
+    total, tied = int(p1["vocab"]["total"]), runs.is_tied(p1)
+    tables = runs.phase1_tables(phase1, step, total, tied)
+    hashes = {**inputs.hashes, "phase1_table_sha256": runs.table_sha256(tables)}
     history = prepare.check_against_stored(stored, cfg, hashes, workdir) if stored else []
     schedule = optim.schedule_record(stored, cfg)
     model_cfg = convert.read_config(inputs.model_dir).replace(vocab_size=total, tie_word_embeddings=tied)

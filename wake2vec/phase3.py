@@ -29,7 +29,7 @@ import pathlib
 import jax
 import numpy as np
 
-from wake2vec import alignment, checkpoint, convert, groups, hosts, lora, optim, phase2, prepare, train, vocab
+from wake2vec import alignment, checkpoint, runs, convert, groups, hosts, lora, optim, phase2, prepare, train, vocab
 from wake2vec import workdir as records
 from wake2vec.config import DEMO_SOURCE, FlagError, Phase3Config, dtype_from_name
 
@@ -95,14 +95,14 @@ def prepare_phase3(cfg: Phase3Config):
     hosts.barrier("config read")
     workdir.mkdir(parents=True, exist_ok=True)
     p2_dir = pathlib.Path(cfg.phase2)
-    p2 = checkpoint.run_record(p2_dir)
+    p2 = runs.run_record(p2_dir)
     if p2.get("phase") != 2:
         raise phase2.PhaseInputError(f"--phase2={p2_dir} is not a Phase 2 run (its config.json says phase {p2.get('phase', 1)})")
     phase1 = pathlib.Path(p2["phase1"]["workdir"])
     inputs = phase2.phase1_inputs(phase1, workdir)
-    total, tied = int(p2["vocab"]["total"]), checkpoint.is_tied(p2)
+    total, tied = int(p2["vocab"]["total"]), runs.is_tied(p2)
     base_size = int(p2["vocab"]["base_size"])
-    tables = phase2.recorded_phase1_tables(p2)
+    tables = runs.recorded_phase1_tables(p2)
     step = (stored or {}).get("phase2", {}).get("step")
     if step is None or stored.get("flags", {}).get("phase2_step") != cfg.phase2_step:
         step = phase2.resolve_step(p2_dir, cfg.phase2_step, "phase2_step")

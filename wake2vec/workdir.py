@@ -89,7 +89,7 @@ def cached_digest(workdir: pathlib.Path, name: str, files: list[pathlib.Path], c
     (path, size, mtime) before: a resumed TinyLlama run then skips re-reading 2.2 GB.
 
     The cache trusts file metadata, which a rewrite changes; exports, which write the
-    body out, hash in full (checkpoint.load_params). A cache that does not parse is
+    body out, hash in full (runs.load_params). A cache that does not parse is
     ignored and rewritten: it only ever saves time.
     """
     cache_path = workdir / HASH_CACHE

@@ -42,13 +42,13 @@ class TableChangedError(RuntimeError):
 def verify_frozen_table(frozen: dict, record: dict) -> dict:
     """The table check: the frozen table and head now, unpadded, hash as recorded at the start,
     and their padding rows are zero. Collective (every process gathers the table)."""
-    from wake2vec import phase2
+    from wake2vec import runs
 
     total = int(record["vocab"]["total"])
     padded = {k: hosts.host_array(frozen[k]) if k == "embedding" else {"kernel": hosts.host_array(frozen[k]["kernel"])}
               for k in ("embedding", "lm_head") if k in frozen}
     real = padding.unpad(padded, total)
-    digest = phase2.table_sha256(real)
+    digest = runs.table_sha256(real)
     padding_zero = bool(np.all(padded["embedding"][total:] == 0))
     if "lm_head" in padded:
         padding_zero = padding_zero and bool(np.all(padded["lm_head"]["kernel"][:, total:] == 0))
