@@ -48,7 +48,9 @@ OOM_HINT = (
 )
 HELP_FLAGS = frozenset({"--help", "-help", "-h", "--helpshort", "--helpfull", "-?"})
 
-_PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+# Our code is wake2vec/ and the launchers' experiments/, wherever they are installed (a checkout or
+# site-packages); anything else that logs is a library.
+_OUR_DIRS = tuple(str(pathlib.Path(__file__).resolve().parents[1] / name) + os.sep for name in ("wake2vec", "experiments"))
 _NOISE = ("Given directory is read only", "Unable to initialize backend")
 
 
@@ -64,7 +66,7 @@ class _ConsoleFilter(logging.Filter):
     """At verbosity 0: our own INFO and above, other libraries' WARNING and above, no noise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        ours = record.pathname.startswith(_PACKAGE_ROOT) and "site-packages" not in record.pathname
+        ours = os.path.realpath(record.pathname).startswith(_OUR_DIRS)
         if ours:
             return True
         return record.levelno >= logging.WARNING and not record.getMessage().startswith(_NOISE)
