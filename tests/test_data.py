@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import PreTrainedTokenizerFast
 
 from wake2vec import data, vocab
+from wake2vec import workdir as records
 
 
 def _word_tokenizer() -> PreTrainedTokenizerFast:
@@ -224,3 +225,22 @@ def test_real_corpus_reproduces_the_reference_blocks(shared_data, tmp_path):
     train, val = data.split_blocks(blocks, 0.1)
     assert (len(blocks), len(train), len(val)) == (1408, 1267, 141)
     np.testing.assert_array_equal(data.tokenize_corpus(tok, text, cache_dir=tmp_path), ids)  # cache hit
+
+
+def test_npy_sha256_is_the_hash_of_the_file_np_save_writes(tmp_path):
+    for array in (np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.ones((5, 3))), np.zeros(0)):
+        np.save(tmp_path / "a.npy", array)
+        assert records.npy_sha256(array) == records.file_sha256(tmp_path / "a.npy")
+
+
+def test_a_non_writer_process_never_reads_embeddings_pre_the_writer_has_not_written(tmp_path, monkeypatch):
+    """The multi-host race: process 1 used to hash embeddings_pre.npy before process 0 wrote it."""
+    from wake2vec import hosts, prepare
+
+    table = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    monkeypatch.setattr(hosts, "is_writer", lambda: False)
+    digest = prepare._embeddings_pre(tmp_path, table, None, resumed=False)
+    assert not (tmp_path / prepare.EMBEDDINGS_PRE).exists()
+    monkeypatch.setattr(hosts, "is_writer", lambda: True)
+    assert prepare._embeddings_pre(tmp_path, table, None, resumed=False) == digest
+    assert records.file_sha256(tmp_path / prepare.EMBEDDINGS_PRE) == digest

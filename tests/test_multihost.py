@@ -13,7 +13,6 @@ import collections
 import json
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
@@ -42,10 +41,16 @@ def free_port() -> int:
 
 
 def start(workdir: pathlib.Path, audit: pathlib.Path, devices: int, *extra: str) -> subprocess.Popen:
+    """A launcher process whose stderr goes to a file beside its audit: a pipe nobody reads
+    while we poll would fill (64 KB) and stall the run, which looked like a flaky timeout."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, "-m", "tests.audited_launch", str(audit), "--",
-                             f"--workdir={workdir}", *FLAGS, *extra],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = audit.with_suffix(".stderr")
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.audited_launch", str(audit), "--",
+                                 f"--workdir={workdir}", *FLAGS, *extra],
+                                cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    proc.log = log
+    return proc
 
 
 def start_pair(workdir: pathlib.Path, audits: pathlib.Path, run: int) -> list[subprocess.Popen]:
@@ -54,31 +59,37 @@ def start_pair(workdir: pathlib.Path, audits: pathlib.Path, run: int) -> list[su
                   "--num_processes=2", f"--process_id={i}") for i in range(2)]
 
 
+def stderr_tail(proc: subprocess.Popen) -> str:
+    return f"process {proc.args[-1]} (rc {proc.returncode}):\n" + proc.log.read_text()[-3000:]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def finish(procs: list[subprocess.Popen]) -> None:
     try:
         for proc in procs:
-            _, stderr = proc.communicate(timeout=TIMEOUT)
-            assert proc.returncode == 0, stderr[-3000:]
+            proc.wait(timeout=TIMEOUT)
+            assert proc.returncode == 0, stderr_tail(proc)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop(procs)
 
 
 def kill_after_commit(procs: list[subprocess.Popen], checkpoints: pathlib.Path, step: int) -> None:
-    deadline = time.time() + TIMEOUT
+    """SIGKILLs every process once `step` has committed; polls with a deadline, no fixed sleep."""
+    deadline = time.monotonic() + TIMEOUT
     try:
         while not (checkpoints / str(step)).is_dir():
             for proc in procs:
-                assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
+                assert proc.poll() is None, stderr_tail(proc)
+            assert time.monotonic() < deadline, "no checkpoint appeared in time:\n" + stderr_tail(procs[0])
+            time.sleep(0.05)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop(procs)
 
 
 def writers(audit_files) -> dict[str, set[int]]:

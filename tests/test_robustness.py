@@ -244,6 +244,16 @@ CASES = [
     train("unknown compute dtype", "--compute_dtype=fp64", message=r"--compute_dtype: unknown dtype 'fp64'"),
     train("mesh larger than the devices", "--mesh=3,5", message=r"--mesh='3,5' needs 15 devices but \d+ are available"),
     train("mesh not two integers", "--mesh=abc", message=r"--mesh='abc': expected two integers"),
+    # multi-host flags: refused before JAX starts, never ignored
+    train("coordinator without --distributed", "--coordinator_address=127.0.0.1:1234",
+          message=r"--coordinator_address: used only with --distributed"),
+    train("process id without --distributed", "--process_id=1", message=r"--process_id: used only with --distributed"),
+    train("unresolvable coordinator", "--distributed", "--coordinator_address=nohost:1234", "--num_processes=2",
+          "--process_id=0", message=r"the host 'nohost' does not resolve"),
+    train("coordinator without a port", "--distributed", "--coordinator_address=127.0.0.1", "--num_processes=2",
+          "--process_id=0", message=r"give the coordinator as HOST:PORT"),
+    train("process id out of range", "--distributed", "--coordinator_address=127.0.0.1:1234", "--num_processes=2",
+          "--process_id=2", message=r"0 <= --process_id < --num_processes"),
     train("seq_len beyond the model's positions", "--seq_len=1024", message=r"exceeds max_position_embeddings=512"),
     # paths and sources
     train("empty workdir", "--workdir=", message=r"--workdir is empty", check=nothing_in_cwd),
@@ -521,3 +531,13 @@ def test_preparing_reads_only_the_table_rows_and_hashes_each_source_once(runs, t
     assert invoke(*prepare_only) == 0
     assert len(hashed) == 2  # touched: hashed again (and found unchanged)
     capsys.readouterr()
+
+
+def test_distributed_with_no_cluster_to_detect_says_what_to_pass(tmp_path):
+    """In a fresh process: JAX's cluster detection runs only before any other JAX call."""
+    out = subprocess.run([sys.executable, "-m", "experiments.train_p1", f"--workdir={tmp_path / 'w'}", "--distributed"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "OMPI", "TPU"))})
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --distributed found no cluster to join"), out.stderr
+    assert not (tmp_path / "w").exists()

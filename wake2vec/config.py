@@ -449,6 +449,10 @@ class RunConfig:
     num_processes: int = 0
     # With --coordinator_address: this process's index, 0 to num_processes - 1; process 0 writes the workdir.
     process_id: int = -1
+    # With --distributed: seconds to wait for every process to reach the coordinator before giving up with a message.
+    coordinator_timeout_s: int = 300
+    # With --distributed: seconds without a heartbeat after which a lost process is declared dead and the run stops.
+    heartbeat_timeout_s: int = 60
     # Storage of the frozen transformer weights: float32 | bfloat16 | float16, or weight-only int8 | nf4 (wake2vec.quant).
     frozen_dtype: str = "float32"
     # Matmul compute dtype; norms, softmax and the loss always accumulate in float32.

@@ -137,6 +137,11 @@ def corpus_cache_key(tokenizer, text: str) -> str:
     return h.hexdigest()
 
 
+def corpus_cache_path(cache_dir, tokenizer, text: str) -> pathlib.Path:
+    """Where tokenize_corpus caches the ids of `text` under `tokenizer`."""
+    return pathlib.Path(cache_dir) / f"corpus_tokens_{corpus_cache_key(tokenizer, text)[:32]}.npy"
+
+
 def tokenize_corpus(tokenizer, text: str, *, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """Token ids of the whole text as one int32 vector, without BOS/EOS.
 
@@ -151,7 +156,7 @@ def tokenize_corpus(tokenizer, text: str, *, cache_dir: str | os.PathLike | None
     """
     cache_path = None
     if cache_dir is not None:
-        cache_path = pathlib.Path(cache_dir) / f"corpus_tokens_{corpus_cache_key(tokenizer, text)[:32]}.npy"
+        cache_path = corpus_cache_path(cache_dir, tokenizer, text)
         if cache_path.is_file():
             try:
                 ids = np.load(cache_path)

@@ -41,6 +41,7 @@ T = TypeVar("T")
 EXIT_USER_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_PEER_LOST = 3  # another process of a multi-host run died
 INTERRUPTED = "interrupted; rerun the same command to resume"
 OOM_HINT = (
     "out of device memory: store the frozen body smaller (--frozen_dtype=bfloat16), recompute "
@@ -118,6 +119,28 @@ def is_out_of_memory(error: BaseException) -> bool:
     return "RuntimeError" in type(error).__name__ and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
 
 
+_PEER_LOST_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Gloo", "gloo", "coordination service",
+                    "heartbeat", "Socket closed")
+
+
+def lost_peer_message(error: BaseException) -> str | None:
+    """The one line for a collective that failed because another process of a multi-host run
+    died (kill -9, a lost VM); None for every other error."""
+    jax = sys.modules.get("jax")
+    if jax is None or not any(sign in str(error) for sign in _PEER_LOST_SIGNS):
+        return None
+    try:
+        me, count = jax.process_index(), jax.process_count()
+    except Exception:  # the runtime itself is gone
+        return None
+    if count < 2:
+        return None
+    others = "process " + str(1 - me) if count == 2 else f"one of the other {count - 1} processes"
+    reason = _one_line(error)[:160]
+    return (f"lost contact with {others} of the run (this is process {me} of {count}): {reason}; nothing committed "
+            "is lost: restart every process with the same command to resume")
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
@@ -167,6 +190,13 @@ def main(
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
+        lost = lost_peer_message(error)
+        if lost:
+            # Not a normal exit: JAX's exit handler would wait for the dead process at its shutdown
+            # barrier (minutes) and then abort. Checkpoints are committed atomically, so none is lost.
+            print(f"error: {lost}", file=sys.stderr, flush=True)
+            logging.shutdown()
+            os._exit(EXIT_PEER_LOST)
         if not is_out_of_memory(error):
             raise
         traceback.print_exc()

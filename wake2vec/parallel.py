@@ -25,6 +25,9 @@ why no statistic sees them.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 
 import jax
 import numpy as np
@@ -32,12 +35,65 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wake2vec import padding
 from wake2vec.errors import UserError
+from wake2vec.launcher import EXIT_USER_ERROR
 
 DATA, MODEL = "data", "model"
 
 
 class DistributedFlagsError(UserError, ValueError):
-    """--coordinator_address was given without a valid --num_processes / --process_id."""
+    """The multi-host flags do not name a run this process can join."""
+
+
+class DistributedStartError(UserError, RuntimeError):
+    """jax.distributed could not start: no cluster detected, or the coordinator never answered."""
+
+
+def _check_coordinator_address(address: str) -> None:
+    """host:port with a port number and a host name that resolves (JAX itself fails on
+    "nohost" with an IndexError from deep inside)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedFlagsError(f"--coordinator_address={address!r}: give the coordinator as HOST:PORT, "
+                                    "e.g. 10.0.0.2:8476 (process 0 listens there)")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))
+    except OSError as error:
+        raise DistributedFlagsError(f"--coordinator_address={address!r}: the host {host!r} does not resolve "
+                                    f"({error.strerror or error}); give process 0's address") from None
+
+
+def check_distributed_flags(cfg) -> None:
+    """Refuses multi-host flags that would be ignored or that JAX would fail on obscurely."""
+    explicit = [name for name, unset in (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1))
+                if getattr(cfg, name) != unset]
+    if explicit and not cfg.distributed:
+        raise DistributedFlagsError(f"{', '.join('--' + n for n in explicit)}: used only with --distributed; "
+                                    "add --distributed (or drop them for a single-process run)")
+    if not cfg.distributed:
+        return
+    if cfg.coordinator_timeout_s < 1 or cfg.heartbeat_timeout_s < 1:
+        raise DistributedFlagsError("--coordinator_timeout_s and --heartbeat_timeout_s must be at least 1 second")
+    if cfg.coordinator_address:
+        _check_coordinator_address(cfg.coordinator_address)
+        if not 0 <= cfg.process_id < cfg.num_processes:
+            raise DistributedFlagsError(
+                f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < --num_processes "
+                f"(got {cfg.num_processes} and {cfg.process_id})")
+    elif explicit:
+        raise DistributedFlagsError(f"{', '.join('--' + n for n in explicit)} need --coordinator_address=HOST:PORT "
+                                    "(without it JAX detects the cluster and numbers the processes itself)")
+
+
+_JAX_DEADLINE_MARGIN_S = 30
+
+
+def _give_up_waiting(seconds: int, where: str) -> None:
+    """Runs on the watchdog thread: one line, then exit at once (the main thread is inside JAX's C++ wait)."""
+    logging.error("gave up after %d s waiting for the other processes at the coordinator %s: start every process "
+                  "(with the same --coordinator_address and --num_processes) within that time, or raise "
+                  "--coordinator_timeout_s", seconds, where)
+    logging.shutdown()
+    os._exit(EXIT_USER_ERROR)
 
 
 def maybe_initialize_distributed(cfg) -> None:
@@ -45,18 +101,38 @@ def maybe_initialize_distributed(cfg) -> None:
 
     `cfg` is the run's TrainConfig. Without --coordinator_address JAX detects the cluster
     (Cloud TPU, SLURM, Open MPI, Kubernetes); with it, the processes are named explicitly
-    (--num_processes, --process_id), as on hosts JAX does not know how to detect.
+    (--num_processes, --process_id), as on hosts JAX does not know how to detect. Waiting
+    for the others is announced and bounded (--coordinator_timeout_s), and a process that
+    dies mid-run is noticed within --heartbeat_timeout_s.
     """
+    check_distributed_flags(cfg)
     if not cfg.distributed:
         return
-    if cfg.coordinator_address:
-        if not 0 <= cfg.process_id < cfg.num_processes:
-            raise DistributedFlagsError(
-                f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < --num_processes "
-                f"(got {cfg.num_processes} and {cfg.process_id})")
-        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    else:
-        jax.distributed.initialize()
+    where = cfg.coordinator_address or "the address the cluster environment gives"
+    who = f"process {cfg.process_id} of {cfg.num_processes}" if cfg.coordinator_address else "this process"
+    if cfg.coordinator_address:  # a detected cluster announces itself
+        logging.info("jax.distributed: %s waiting up to %d s for every process at the coordinator %s",
+                     who, cfg.coordinator_timeout_s, where)
+    # JAX aborts the interpreter (a C++ check failure) when its own deadline passes, so the
+    # clear message has to come first: a watchdog ends the wait a little before JAX would.
+    watchdog = threading.Timer(cfg.coordinator_timeout_s, _give_up_waiting, (cfg.coordinator_timeout_s, where))
+    watchdog.daemon = True
+    watchdog.start()
+    timeouts = dict(initialization_timeout=cfg.coordinator_timeout_s + _JAX_DEADLINE_MARGIN_S,
+                    heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+    try:
+        if cfg.coordinator_address:
+            jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id, **timeouts)
+        else:
+            jax.distributed.initialize(**timeouts)
+    except ValueError as error:
+        if "coordinator_address should be defined" not in str(error):
+            raise
+        raise DistributedStartError(
+            "--distributed found no cluster to join (no Cloud TPU, SLURM, Open MPI or Kubernetes environment): pass "
+            "--coordinator_address=HOST:PORT --num_processes=N --process_id=I on every process") from None
+    finally:
+        watchdog.cancel()
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 

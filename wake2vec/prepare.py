@@ -196,14 +196,17 @@ def corpus_ids(tokenizer, text: str, workdir: pathlib.Path, expected: str | None
     if expected is None or records.array_sha256(ids) == expected:
         return ids
     logging.warning("the corpus token cache in %s does not match config.json (damaged?); re-tokenizing", workdir)
-    for stale in workdir.glob("corpus_tokens_*.npy"):
-        stale.unlink()
-    ids = data.tokenize_corpus(tokenizer, text, cache_dir=workdir)
+    # Not through the cache: on another host the writer may not have replaced it yet.
+    ids = data.tokenize_corpus(tokenizer, text)
     if records.array_sha256(ids) != expected:
         raise SourceChangedError(
             f"the corpus now tokenizes to other ids than this run recorded in {workdir / records.CONFIG}; "
             "restore the corpus, lexicon and tokenizer it started with, or use a fresh --workdir"
         )
+    if hosts.is_writer():
+        for stale in workdir.glob("corpus_tokens_*.npy"):
+            stale.unlink(missing_ok=True)
+        records.atomic_save_npy(data.corpus_cache_path(workdir, tokenizer, text), ids)
     return ids
 
 
@@ -229,6 +232,11 @@ def _embeddings_pre(workdir: pathlib.Path, table: np.ndarray, expected: str | No
     for a run recorded before hashes were, the file as it is. The grown table is a pure
     function of the hash-checked sources and the seed, so a file that no longer matches
     the recorded hash is rewritten from it, with a warning.
+
+    Multi-host: only the writer writes, and no process reads a file the writer may be
+    writing. A file that is read was there before this run started and is left as it is;
+    a file that is (re)written is known by the hash of what it will hold (npy_sha256),
+    which every process computes from its own copy of the table.
     """
     path = workdir / EMBEDDINGS_PRE
     if path.is_file():
@@ -237,13 +245,13 @@ def _embeddings_pre(workdir: pathlib.Path, table: np.ndarray, expected: str | No
             return digest
         if expected is not None:
             logging.warning("%s does not match the sha256 in config.json (damaged?); rewriting it", path)
-    records.atomic_save_npy(path, table)
-    digest = records.file_sha256(path)
+    digest = records.npy_sha256(table)
     if expected is not None and digest != expected:
         raise SourceChangedError(
             f"the initial table no longer matches {path}'s recorded sha256: its sources or --init flags changed; "
             "restore them or use a fresh --workdir"
         )
+    records.atomic_save_npy(path, table)
     return digest
 
 

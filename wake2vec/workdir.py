@@ -76,6 +76,30 @@ def atomic_save_npy(path: pathlib.Path, array) -> None:
     os.replace(tmp, path)
 
 
+class _Sha256Sink:
+    """A write-only file object that hashes what is written to it."""
+
+    def __init__(self):
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return len(data)
+
+
+def npy_sha256(array) -> str:
+    """The sha256 of the file np.save(path, array) writes, computed without writing it.
+
+    Every process of a multi-host run can so know a file's hash while only the writer writes
+    it: no process reads a file another one may still be writing.
+    """
+    import numpy as np
+
+    sink = _Sha256Sink()
+    np.save(sink, array)
+    return sink.digest.hexdigest()
+
+
 def file_sha256(path: pathlib.Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
