@@ -155,3 +155,48 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
         assert name in written, name
     leftovers = [p.name for p in two.rglob("*") if ".tmp" in p.name and "checkpoints" not in p.parts]
     assert not leftovers, leftovers
+
+
+def test_a_process_alone_gives_up_waiting_with_one_line(tmp_path):
+    alone = start(tmp_path / "w", tmp_path / "alone.jsonl", 2, "--distributed",
+                  f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2", "--process_id=1",
+                  "--coordinator_timeout_s=5")
+    try:
+        alone.wait(timeout=TIMEOUT)
+    finally:
+        stop([alone])
+    log = alone.log.read_text()
+    assert alone.returncode == 1, stderr_tail(alone)
+    assert "process 1 of 2 waiting up to 5 s" in log and "gave up after 5 s waiting for the other processes" in log, log
+    assert "Traceback" not in log and "Check failure" not in log, log
+
+
+def test_a_killed_peer_ends_the_survivor_at_once_and_both_resume(tmp_path):
+    audits = tmp_path / "audit"
+    audits.mkdir()
+    two = tmp_path / "two_processes"
+    pair = start_pair(two, audits, 0)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not (two / "checkpoints" / "4").is_dir():
+            assert all(proc.poll() is None for proc in pair), stderr_tail(pair[0]) + stderr_tail(pair[1])
+            assert time.monotonic() < deadline, "no checkpoint appeared in time:\n" + stderr_tail(pair[0])
+            time.sleep(0.05)
+        pair[1].kill()
+        killed_at = time.monotonic()
+        pair[0].wait(timeout=TIMEOUT)
+        waited = time.monotonic() - killed_at
+    finally:
+        stop(pair)
+    log = pair[0].log.read_text()
+    if pair[0].returncode == 0:
+        pytest.skip("process 0 finished before it needed process 1 again; the kill came too late to test anything")
+    assert pair[0].returncode == 3, stderr_tail(pair[0])
+    assert "error: lost contact with process 1 of the run (this is process 0 of 2)" in log, log
+    assert "Check failure" not in log, log
+    # Well inside the heartbeat timeout (60 s) and JAX's shutdown barrier (300 s) it used to wait for.
+    assert waited < 45, f"the survivor took {waited:.0f} s to stop"
+    finish(start_pair(two, audits, 1))
+    from wake2vec import runs
+
+    assert runs.load_table(two)[1] == 12

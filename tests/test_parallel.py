@@ -58,3 +58,23 @@ def test_vocab_padding_multiple():
     mesh = parallel.make_mesh("")
     assert parallel.padded_vocab(76_500, mesh) == 76_544
     assert parallel.padded_vocab(128, mesh) == 128
+
+
+def test_a_body_matrix_no_device_count_divides_is_replicated_with_a_warning():
+    """6 devices and a (layers, 64, 100) stack: neither 64 nor 100 divides by 6."""
+    script = (
+        "import logging, jax, numpy as np\n"
+        "from wake2vec import parallel\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "mesh = parallel.make_mesh('1,6')\n"
+        "tree = {'layers': {'w': np.zeros((2, 64, 100), np.float32), 'v': np.zeros((2, 60, 7), np.float32)}}\n"
+        "s = parallel.frozen_sharding(tree, mesh)\n"
+        "print(tuple(s['layers']['w'].spec), tuple(s['layers']['v'].spec))\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=6", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "(None, None, None) (None, ('data', 'model'), None)", out.stdout
+    # one matrix of 2 x 64 x 100 float32 = 51,200 bytes, 5/6 of it more per device than split
+    assert "1 frozen body matrices (shapes [(2, 64, 100)]) have no axis divisible by the 6 devices" in out.stderr
+    assert "0.00 GB more per device" in out.stderr, out.stderr

@@ -474,7 +474,10 @@ class Checkpointer:
 
 def _restore_args_like(abstract_tree) -> ocp.args.PyTreeRestore:
     """Restore into `abstract_tree`'s structure, shapes, dtypes and shardings."""
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # A leaf without a sharding (a host array) is restored replicated over this process's own
+    # devices: jax.devices()[0] belongs to process 0 and is not addressable on any other.
+    default = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), ("local",)),
+                                         jax.sharding.PartitionSpec())
     target = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None) or default),
         abstract_tree,

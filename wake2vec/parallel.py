@@ -25,6 +25,7 @@ why no statistic sees them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -195,6 +196,8 @@ def frozen_sharding(tree, mesh: Mesh, vocab_rows: int | None = None):
         body = {k: v for k, v in tree.items() if k not in tables}
         return {**frozen_sharding(body, mesh), **vocab_sharded_like(tables, mesh, vocab_rows)}
 
+    replicated_bytes = []
+
     def rule(leaf):
         shape = getattr(leaf, "shape", ())
         spec = [None] * len(shape)
@@ -202,9 +205,19 @@ def frozen_sharding(tree, mesh: Mesh, vocab_rows: int | None = None):
             axes = [a for a in range(1, len(shape)) if shape[a] % devices == 0]
             if axes:
                 spec[max(axes, key=lambda a: shape[a])] = (DATA, MODEL)
+            elif devices > 1:
+                replicated_bytes.append((shape, math.prod(shape) * np.dtype(leaf.dtype).itemsize))
         return NamedSharding(mesh, P(*spec))
 
-    return jax.tree_util.tree_map(rule, tree)
+    shardings = jax.tree_util.tree_map(rule, tree)
+    if replicated_bytes:
+        # Correct, but each device then holds the whole matrix: say so, with what it costs.
+        logging.warning(
+            "%d frozen body matrices (shapes %s) have no axis divisible by the %d devices, so every device holds "
+            "them whole: %.2f GB more per device than split; a device count dividing the model's dimensions avoids it",
+            len(replicated_bytes), sorted({shape for shape, _ in replicated_bytes}), devices,
+            sum(n for _, n in replicated_bytes) * (1 - 1 / devices) / 1e9)
+    return shardings
 
 
 def shard_loss_chunk(hidden: jax.Array) -> jax.Array:
