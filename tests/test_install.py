@@ -9,6 +9,7 @@ install can answer for it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,11 +21,14 @@ pytestmark = pytest.mark.slow  # builds and installs the package
 
 
 def test_a_plain_install_runs_the_launchers_from_anywhere(tmp_path):
-    target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    target, elsewhere, source = tmp_path / "site", tmp_path / "elsewhere", tmp_path / "source"
     elsewhere.mkdir()
+    # A copy, since setuptools builds in the source tree: its build/ would go into the checkout, and a
+    # stale one could install modules that no longer exist.
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "runs", "*.egg-info", "__pycache__"))
     build = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(REPO_ROOT)], capture_output=True, text=True, timeout=600)
+         str(source)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     assert (target / "experiments" / "train_p1.py").is_file() and (target / "wake2vec" / "demo").is_dir()
     env = {**os.environ, "PYTHONPATH": str(target), "JAX_PLATFORMS": "cpu"}
