@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
 
 from wake2vec import distill, model
 from wake2vec.config import ModelConfig
@@ -58,3 +64,20 @@ def test_distill_is_deterministic():
     a = distill.distill(CFG, params, base, ctx, start, SETTINGS, progress=lambda _: None).rows
     b = distill.distill(CFG, params, base, ctx, start, SETTINGS, progress=lambda _: None).rows
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_launcher_accepts_init_distill_on_the_demo(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiments.train_p1", f"--workdir={tmp_path}", "--model=demo",
+                          "--init=distill", "--distill_steps=5", "--max_steps=2", "--eval_every=2", "--save_every=2",
+                          "--analyze=false", "--generate_at_end=false"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "distill: " in out.stderr
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["flags"]["init"] == "distill"
+    pre = np.load(tmp_path / "embeddings_pre.npy")
+    base = config["vocab"]["base_size"]
+    # Moved away from subword_mean's starting rows, and finite.
+    assert np.isfinite(pre).all() and pre.shape[0] == config["vocab"]["total"]
+    assert np.abs(pre[base:]).sum() > 0

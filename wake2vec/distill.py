@@ -137,6 +137,9 @@ def build_contexts(base_tokenizer, forms: Sequence[whole_word.Form], train_texts
         for text, start, end in windows:
             if used == c or (used and text.startswith(GENERIC_PREFIX)):
                 break
+            # A marked word's spelling starts at its space: tokenizers put the word-start marker
+            # (SentencePiece's "▁", byte-level's "Ġ") on the word's first piece.
+            start -= int(form.marked)
             enc = base_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids, offsets = enc["input_ids"], enc["offset_mapping"]
             if any(a < start < b or a < end < b for a, b in offsets):
