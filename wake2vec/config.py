@@ -149,7 +149,7 @@ class TrainConfig(RunConfig):
     # Lexicon injection: whole_word (a new token only for a whole word; every other word keeps
     # the base segmentation) | reference (the study's add_tokens, which also matches inside words).
     injection: str = "whole_word"
-    # New-row initialiser: mean_noise | spherical | subword_mean | hewitt.
+    # New-row initialiser: mean_noise | spherical | subword_mean | hewitt | distill (docs/distill.md).
     init: str = "mean_noise"
     # mean_noise: noise scale in units of the base per-dimension std.
     init_noise_scale: float = 0.1
@@ -157,6 +157,19 @@ class TrainConfig(RunConfig):
     init_sphere_factor: float = 1.5
     # hewitt: covariance scale eps.
     init_hewitt_eps: float = 1e-5
+    # distill: decoder layer whose output the new token must reproduce (negative counts from the last).
+    distill_layer: int = -1
+    # distill: training-text contexts per new row (a fixed generic sentence for words with none).
+    distill_contexts: int = 4
+    # distill: Adam steps per row, starting from subword_mean.
+    distill_steps: int = 30
+    # distill: Adam learning rate in units of the base table's entry std.
+    distill_lr: float = 0.01
+    # distill: new rows optimised together in one jitted step (memory vs speed; no effect on the rows).
+    distill_batch: int = 32
+    # distill: the new rows' output side: input (the distilled row; the only one when tied) | subword_mean |
+    # first_piece (untied heads: the spelling's head rows) | joint (adds the next-token loss of the new token).
+    distill_output: str = "input"
 
 
 @dataclasses.dataclass(frozen=True)

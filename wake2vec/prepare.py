@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 
-from wake2vec import convert, data, demo, hosts, optim, parallel, quant, segmentation, vocab, workdir as records
+from wake2vec import convert, data, demo, distill, hosts, optim, parallel, quant, segmentation, vocab, workdir as records
 from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, RunConfig, TrainConfig, dtype_from_name
 from wake2vec.errors import UserError
 from wake2vec.model import REMAT_POLICIES
@@ -70,6 +70,10 @@ _RANGES = (
     ("init_noise_scale", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("init_sphere_factor", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     ("init_hewitt_eps", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("distill_contexts", lambda v: v >= 1, "at least 1"),
+    ("distill_steps", lambda v: v >= 0, ">= 0 (0 keeps the subword_mean rows)"),
+    ("distill_lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("distill_batch", lambda v: v >= 1, "at least 1"),
     # Phase 2's adapters
     ("lora_rank", lambda v: v >= 1, "at least 1"),
     ("lora_alpha", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -94,7 +98,8 @@ def validate_run_flags(cfg: RunConfig) -> None:
     choices = {
         "optimizer": tuple(optim.OPTIMIZERS),
         "schedule": tuple(optim.SCHEDULES),
-        "init": vocab.INIT_METHODS,
+        "init": vocab.INIT_METHODS + ("distill",),
+        "distill_output": distill.OUTPUT_CHOICES,
         "injection": vocab.INJECTION_MODES,
         "remat": tuple(REMAT_POLICIES),
         "extend_schedule": ("",) + optim.EXTENSIONS,
@@ -296,6 +301,25 @@ def _grow(table: np.ndarray, stats: vocab.VocabStats, cfg: TrainConfig, seed: in
     )
 
 
+def _distilled(cfg: TrainConfig, model_cfg, frozen, base_table, base_tokenizer, tokenizer, forms, train_blocks,
+               piece_ids):
+    """(table, new rows) for --init=distill: subword_mean rows moved by wake2vec.distill on the
+    training blocks' text (never the validation blocks)."""
+    if cfg.tie_embeddings and cfg.distill_output in ("subword_mean", "first_piece"):
+        raise FlagError(f"--distill_output={cfg.distill_output} sets an untied head's rows; with "
+                        "--tie_embeddings=true the head is the table: use input or joint")
+    settings = distill.Settings(layer=cfg.distill_layer, contexts=cfg.distill_contexts, steps=cfg.distill_steps,
+                                lr=cfg.distill_lr, words_per_step=cfg.distill_batch, output=cfg.distill_output)
+    texts = tokenizer.batch_decode([list(b) for b in train_blocks])
+    contexts = distill.build_contexts(base_tokenizer, forms, texts, settings)
+    start = vocab.init_new_rows(base_table, len(forms), "subword_mean", seed=cfg.seed, piece_ids=piece_ids)
+    result = distill.distill(model_cfg, frozen, base_table, contexts, start, settings)
+    logging.info("distill: %d rows (%d with training contexts) in %.1f s, hidden-state MSE %.4g -> %.4g",
+                 len(forms), int(contexts.from_training.sum()), result.seconds, float(result.mse_before.mean()),
+                 float(result.mse_after.mean()))
+    return np.concatenate([np.asarray(base_table, np.float32), result.rows]), result.rows
+
+
 def prepare(cfg: TrainConfig) -> PreparedRun:
     validate_flags(cfg)
     workdir = pathlib.Path(cfg.workdir)
@@ -333,11 +357,15 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
 
     params = convert.drop_padding_rows(convert.load_vocab_rows(model_dir), vocab_stats.base_size)
     # Read (and so checked) before config.json is written; preparing alone needs only the rows.
-    frozen = read_frozen_body(model_dir, cfg.frozen_dtype) if cfg.max_steps else None
+    frozen = read_frozen_body(model_dir, cfg.frozen_dtype) if cfg.max_steps or cfg.init == "distill" else None
     piece_ids = None
-    if cfg.init == "subword_mean":
+    if cfg.init in ("subword_mean", "distill"):
         piece_ids = vocab.subword_piece_ids(base_tokenizer, new_forms)
-    table = _grow(params.pop("embedding"), vocab_stats, cfg, cfg.seed, piece_ids)
+    if cfg.init == "distill":
+        table, distilled = _distilled(cfg, source_cfg, frozen, params.pop("embedding"), base_tokenizer, tokenizer,
+                                      new_forms, train_blocks, piece_ids)
+    else:
+        table = _grow(params.pop("embedding"), vocab_stats, cfg, cfg.seed, piece_ids)
     trainable = {"embedding": table}
     source_head = params.pop("lm_head", None)
     if cfg.tie_embeddings and source_head is not None:
@@ -347,7 +375,11 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     if not cfg.tie_embeddings:
         base_head = source_head["kernel"].T if source_head is not None else table[: vocab_stats.base_size]
         # A different seed, so the head's new rows are not copies of the input rows.
-        trainable["lm_head"] = {"kernel": np.ascontiguousarray(_grow(base_head, vocab_stats, cfg, cfg.seed + 1, piece_ids).T)}
+        if cfg.init == "distill":
+            head = np.concatenate([base_head, distill.output_rows(cfg.distill_output, base_head, piece_ids, distilled)])
+        else:
+            head = _grow(base_head, vocab_stats, cfg, cfg.seed + 1, piece_ids)
+        trainable["lm_head"] = {"kernel": np.ascontiguousarray(head.T)}
 
     embeddings_pre_sha256 = _embeddings_pre(workdir, table, stored.get("embeddings_pre_sha256"), resumed=bool(stored))
 
