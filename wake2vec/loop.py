@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from wake2vec import checkpoint, convert, data, hosts, optim, padding, parallel, prepare, tboard, train, workdir as records
+from wake2vec import checkpoint, convert, data, hosts, optim, padding, parallel, precision, prepare, tboard, train, workdir as records
 from typing import Callable
 
 from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, RunConfig, TrainConfig, dtype_from_name
@@ -204,6 +204,9 @@ def run_phase(cfg: RunConfig, validate: Callable[[RunConfig], None], make_job: C
     """
     parallel.maybe_initialize_distributed(cfg)
     validate(cfg)  # before the lock file: a bad flag leaves nothing behind
+    # The effective precision is what the record's flags hold: a resumed run under another policy is a config change.
+    cfg = dataclasses.replace(cfg, matmul_precision=precision.effective(cfg.matmul_precision, cfg.compute_dtype))
+    precision.apply(cfg.matmul_precision)
     workdir = pathlib.Path(cfg.workdir)
     with exclusive_workdir(workdir):
         job = make_job(cfg)

@@ -43,7 +43,8 @@ LOSS_CURVE = "loss_curve.png"
 # extend_schedule acts once, on the rerun that changes --max_steps; its effect is recorded
 # in config.json's schedule_starts.
 NON_SEMANTIC_FLAGS = frozenset({"workdir", "analyze", "generate_at_end", "allow_config_change", "distributed", "extend_schedule",
-                                "coordinator_address", "num_processes", "process_id"})
+                                "coordinator_address", "num_processes", "process_id", "coordinator_timeout_s",
+                                "heartbeat_timeout_s"})
 
 
 class ConfigMismatchError(UserError, ValueError):
@@ -224,12 +225,16 @@ def write_config(workdir: pathlib.Path, record: dict) -> None:
 
 
 def config_differences(stored_flags: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """{flag: (stored, requested)} for every semantic flag that differs."""
+    """{flag: (stored, requested)} for every semantic flag that differs.
+
+    A flag the record predates (added to wake2vec after the run started) is not compared:
+    the record cannot say what it was, and refusing would strand every older run.
+    """
     requested = dataclasses.asdict(cfg)
     return {
-        name: (stored_flags.get(name), value)
+        name: (stored_flags[name], value)
         for name, value in requested.items()
-        if name not in NON_SEMANTIC_FLAGS and stored_flags.get(name) != value
+        if name not in NON_SEMANTIC_FLAGS and name in stored_flags and stored_flags[name] != value
     }
 
 
