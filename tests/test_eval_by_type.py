@@ -28,7 +28,13 @@ def test_eval_step_means_by_target_type_match_the_full_logits():
     # A chunk that does not divide the 3 x 40 predictions, so the chunk padding is exercised too.
     settings = train.StepSettings(TINY, remat="none", loss_chunk=48)
     step = jax.jit(train.make_eval_step(settings, BASE_ROWS))
-    sums, counts = (np.asarray(x, np.float64) for x in step(trainable, frozen, ids, block_weights, resegmented))
+    # Training blocks in which every new id occurs 0, 1, 3, 7 or 25 times (id % 5 picks which).
+    times = np.array([0, 1, 3, 7, 25])
+    train_blocks = np.concatenate([np.full(times[i % 5], i) for i in range(BASE_ROWS, TINY.vocab_size)]
+                                  + [np.arange(BASE_ROWS)])
+    train_counts = train.training_counts(train_blocks.reshape(1, -1), TINY.vocab_size)
+    sums, counts = (np.asarray(x, np.float64)
+                    for x in step(trainable, frozen, ids, block_weights, resegmented, train_counts))
 
     # Naive: full float32 logits over the real vocabulary, per-position losses, masks by hand.
     logits = np.asarray(model.forward(TINY, {**frozen, **trainable}, jnp.asarray(ids[:, :-1])), np.float64)
@@ -47,6 +53,12 @@ def test_eval_step_means_by_target_type_match_the_full_logits():
     window_of = np.arange(targets.shape[1]) // train.WAKE_WINDOW
     wake_window = np.stack([np.isin(window_of, np.unique(window_of[row >= BASE_ROWS])) for row in targets])
     masks["wake_windows"], masks["plain_windows"] = real & wake_window, real & ~wake_window
+    # By hand: how often the target occurs in the training blocks, from its id.
+    new = masks["new"]
+    seen_times = np.where(targets >= BASE_ROWS, times[targets % 5], 0)
+    masks["new_seen"], masks["new_unseen"] = new & (seen_times > 0), new & (seen_times == 0)
+    for name, wanted in (("new_seen_1", 1), ("new_seen_2_4", 3), ("new_seen_5_19", 7), ("new_seen_20_plus", 25)):
+        masks[name] = new & (seen_times == wanted)
     for k, category in enumerate(train.EVAL_CATEGORIES):
         mask = masks[category]
         assert counts[k] == mask.sum() > 0, category
@@ -60,19 +72,23 @@ def test_eval_step_means_by_target_type_match_the_full_logits():
 
 
 def test_val_fields_loss_table_and_curve_show_each_type_with_its_count(tmp_path):
-    fields = workdir.val_loss_fields(train.EVAL_CATEGORIES, np.array([30.0, 10.0, 20.0, 0.0, 24.0, 6.0]),
-                                     np.array([10, 2, 8, 0, 6, 4]))
+    categories = train.EVAL_CATEGORIES[:6] + ("new_seen", "new_unseen")
+    fields = workdir.val_loss_fields(categories, np.array([30.0, 10.0, 20.0, 0.0, 24.0, 6.0, 3.0, 7.0]),
+                                     np.array([10, 2, 8, 0, 6, 4, 1, 1]))
     assert fields == {"val_loss": 3.0, "val_tokens": 10, "val_loss_new": 5.0, "val_tokens_new": 2,
                       "val_loss_base": 2.5, "val_tokens_base": 8, "val_loss_resegmented": None,
                       "val_tokens_resegmented": 0, "val_loss_wake_windows": 4.0, "val_tokens_wake_windows": 6,
-                      "val_loss_plain_windows": 1.5, "val_tokens_plain_windows": 4}
+                      "val_loss_plain_windows": 1.5, "val_tokens_plain_windows": 4, "val_loss_new_seen": 3.0,
+                      "val_tokens_new_seen": 1, "val_loss_new_unseen": 7.0, "val_tokens_new_unseen": 1}
     events = [{"step": 0, **fields}, {"step": 10, "train_loss": 2.0, "lr": 1e-3},
               {"step": 10, **fields, "val_loss_resegmented": 4.0, "val_tokens_resegmented": 1234}]
     workdir.write_loss_table(tmp_path, events)
     table = (tmp_path / workdir.LOSS_TABLE).read_text().splitlines()
     assert table[0] == ("| Step | Training Loss | Validation Loss | Val: new tokens (n) | Val: base tokens (n) "
-                        "| Val: re-segmented (n) | Val: windows with Wake tokens (n) | Val: windows without (n) |")
-    assert table[2] == "| 0 |  | 3.0000 | 5.0000 (2) | 2.5000 (8) | – (0) | 4.0000 (6) | 1.5000 (4) |"
-    assert table[3] == "| 10 | 2.0000 | 3.0000 | 5.0000 (2) | 2.5000 (8) | 4.0000 (1,234) | 4.0000 (6) | 1.5000 (4) |"
+                        "| Val: re-segmented (n) | Val: windows with Wake tokens (n) | Val: windows without (n) "
+                        "| Val: new, seen in training (n) | Val: new, never in training (n) |")
+    assert table[2] == "| 0 |  | 3.0000 | 5.0000 (2) | 2.5000 (8) | – (0) | 4.0000 (6) | 1.5000 (4) | 3.0000 (1) | 7.0000 (1) |"
+    assert table[3] == ("| 10 | 2.0000 | 3.0000 | 5.0000 (2) | 2.5000 (8) | 4.0000 (1,234) | 4.0000 (6) | 1.5000 (4) "
+                        "| 3.0000 (1) | 7.0000 (1) |")
     workdir.write_loss_curve(tmp_path, events)
     assert (tmp_path / workdir.LOSS_CURVE).stat().st_size > 0

@@ -53,7 +53,7 @@ def test_it_reaches_the_eval_step_the_model_and_the_decoder(policy, monkeypatch,
     ids = jnp.zeros((2, 9), jnp.int32)
     settings = train.StepSettings(TINY, remat="none", loss_chunk=16)
     eval_step = jax.jit(train.make_eval_step(settings, 40))
-    assert dot_precisions(eval_step.lower(trainable, frozen, ids, jnp.ones(2), jnp.zeros((2, 9), bool))) == {expected}
+    assert dot_precisions(eval_step.lower(trainable, frozen, ids, jnp.ones(2), jnp.zeros((2, 9), bool), jnp.zeros(64, jnp.int32))) == {expected}
     forward = jax.jit(lambda p, i: model.forward(TINY, p, i))
     assert dot_precisions(forward.lower(params, ids)) == {expected}
     # The decoder's own jitted loop (prefill and cached steps), lowered as generate calls it.

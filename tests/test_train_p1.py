@@ -48,6 +48,16 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     assert config["vocab"]["added"] > 100 and config["vocab"]["total"] == config["vocab"]["base_size"] + config["vocab"]["added"]
     assert set(config["data"]) == {"corpus_tokens", "train_blocks", "val_blocks", "seq_len"}
     assert len(config["source_hash"]) == 64 and config["versions"]["jax"]
+    # What the training split can teach, and the new-token targets split by it at every evaluation.
+    wake = config["wake_targets"]
+    assert wake["new_rows"] == config["vocab"]["total"] - config["vocab"]["base_size"]
+    assert 0 <= wake["new_rows_never_in_training"] <= wake["new_rows"]
+    assert 0 <= wake["val_new_targets_unseen"] <= wake["val_new_targets"] > 0
+    assert wake["val_unseen_share"] == wake["val_new_targets_unseen"] / wake["val_new_targets"]
+    evals = [e for e in read_jsonl(tmp_path / "metrics.jsonl") if "val_loss" in e]
+    assert all(e["val_tokens_new_seen"] + e["val_tokens_new_unseen"] == e["val_tokens_new"] for e in evals)
+    assert all(sum(e[f"val_tokens_new_seen_{b}"] for b in ("1", "2_4", "5_19", "20_plus")) == e["val_tokens_new_seen"]
+               for e in evals)
     pre = np.load(tmp_path / "embeddings_pre.npy")
     assert pre.shape[0] == config["vocab"]["total"]
     events = read_jsonl(tmp_path / "metrics.jsonl")

@@ -251,6 +251,22 @@ def _evals_since_best(events: list[dict]) -> int:
     return since
 
 
+def wake_target_record(train_counts: np.ndarray, val_blocks: np.ndarray, base_size: int) -> dict:
+    """config.json's account of what the training split can teach: how many new rows never
+    occur in a training block, and what share of the validation new-token targets are such
+    rows (their loss can only rise: the row is trained only as a negative)."""
+    targets = np.asarray(val_blocks)[:, 1:].ravel()
+    new_targets = targets[targets >= base_size]
+    unseen = int(np.sum(train_counts[new_targets] == 0))
+    return {
+        "new_rows": int(train_counts.size - base_size),
+        "new_rows_never_in_training": int(np.sum(train_counts[base_size:] == 0)),
+        "val_new_targets": int(new_targets.size),
+        "val_new_targets_unseen": unseen,
+        "val_unseen_share": unseen / new_targets.size if new_targets.size else None,
+    }
+
+
 def train_job(job: Job) -> RunResult:
     cfg, record = job.cfg, job.record
     workdir = pathlib.Path(cfg.workdir)
@@ -258,11 +274,15 @@ def train_job(job: Job) -> RunResult:
     rows = record.get("padded_vocab") or parallel.padded_vocab(job.model_cfg.vocab_size, mesh)
     if rows % (padding.MULTIPLE * mesh.shape[parallel.MODEL]):
         raise FlagError(f"this run's table has {rows} rows, which do not split over a model axis of {mesh.shape[parallel.MODEL]}; resume with the original --mesh")
-    if "padded_vocab" not in record:
-        record["padded_vocab"] = rows
-        records.write_config(workdir, record)
-
     base_size, vocab_size = job.base_size, job.model_cfg.vocab_size
+    train_counts = train.training_counts(job.train_blocks, vocab_size)
+    if "padded_vocab" not in record or "wake_targets" not in record:
+        record["padded_vocab"] = rows
+        record["wake_targets"] = wake_target_record(train_counts, job.val_blocks, base_size)
+        records.write_config(workdir, record)
+    logging.info("new rows never in a training block: %(new_rows_never_in_training)d of %(new_rows)d; validation "
+                 "new-token targets whose token is never in training: %(val_new_targets_unseen)d of %(val_new_targets)d",
+                 record["wake_targets"])
     schedule = optim.make_schedule(cfg, record.get("schedule_starts", [0]))
     tx = optim.make_optimizer(cfg, base_size, vocab_size, schedule, trainable_keys=tuple(job.trainable), lr_by_key=job.lr_by_key)
     settings = job.settings
@@ -307,6 +327,7 @@ def train_job(job: Job) -> RunResult:
     step_fn = parallel.jit_train_step(train.make_train_step(tx, schedule, settings, regularizer=job.regularizer),
                                       mesh, state_sharding, frozen_sharding)
     eval_fn = jax.jit(train.make_eval_step(settings, base_size))
+    train_counts_on_device = jax.device_put(train_counts, parallel.replicated(mesh))
     eval_ids_sharding, eval_weights_sharding = parallel.batch_sharding(mesh, 2, 0), parallel.batch_sharding(mesh, 1, 0)
     val_resegmented = job.val_resegmented
     if val_resegmented is None:
@@ -327,6 +348,7 @@ def train_job(job: Job) -> RunResult:
             jax.ShapeDtypeStruct(eval_shape, np.int32, sharding=eval_ids_sharding),
             jax.ShapeDtypeStruct((cfg.batch_size,), np.float32, sharding=eval_weights_sharding),
             jax.ShapeDtypeStruct(eval_shape, np.bool_, sharding=eval_ids_sharding),
+            train_counts_on_device,
         ).compile()
     compile_s = time.perf_counter() - compile_started
     logging.info("compiled the train step in %.1f s and the eval step in %.1f s", step_compile_s, compile_s - step_compile_s)
@@ -336,7 +358,8 @@ def train_job(job: Job) -> RunResult:
         sums, counts = np.zeros(len(train.EVAL_CATEGORIES)), np.zeros(len(train.EVAL_CATEGORIES))
         for ids, weights, mask in _eval_batches(job.val_blocks, val_resegmented, cfg.batch_size, cfg.eval_blocks):
             loss_sums, n = eval_fn(trainable_now, frozen, jax.device_put(ids, eval_ids_sharding),
-                                   jax.device_put(weights, eval_weights_sharding), jax.device_put(mask, eval_ids_sharding))
+                                   jax.device_put(weights, eval_weights_sharding), jax.device_put(mask, eval_ids_sharding),
+                                   train_counts_on_device)
             sums, counts = sums + np.asarray(loss_sums, np.float64), counts + np.asarray(n, np.float64)
         return records.val_loss_fields(train.EVAL_CATEGORIES, sums, counts)
 

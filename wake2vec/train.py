@@ -283,16 +283,33 @@ def make_train_step(
 # windows of WAKE_WINDOW consecutive targets that hold at least one new token, and those in
 # windows that hold none, which tell whether a phase helped the model read the Wake's own
 # words in context or only the plain text around them (Phase 2 trains the body for this).
-EVAL_CATEGORIES = ("all", "new", "base", "resegmented", "wake_windows", "plain_windows")
+# And the new-token targets split by whether their token occurs anywhere in the training
+# blocks (as input or target), then by how often: most Wake coinages occur once in the
+# book, so most validation Wake targets are words whose row no training block ever holds.
+# Embedding-only training cannot teach such a row; it can only push it down as a negative.
+EVAL_CATEGORIES = ("all", "new", "base", "resegmented", "wake_windows", "plain_windows",
+                   "new_seen", "new_unseen", "new_seen_1", "new_seen_2_4", "new_seen_5_19", "new_seen_20_plus")
 WAKE_WINDOW = 32
+# Training-count buckets of the seen new targets: [low, high) occurrences in the training blocks.
+SEEN_BUCKETS = ((1, 2), (2, 5), (5, 20), (20, None))
 
 
-def category_weights(ids: jax.Array, block_weights: jax.Array, resegmented: jax.Array, base_size: int) -> jax.Array:
-    """(B, T-1, 6) float32 weights of the predictions of blocks ids (B, T), per EVAL_CATEGORIES.
+def training_counts(train_blocks, vocab_size: int):
+    """(vocab_size,) int32: how often each token id occurs in the training blocks (inputs and targets)."""
+    import numpy as np
+
+    return np.bincount(np.asarray(train_blocks).ravel(), minlength=vocab_size).astype(np.int32)[:vocab_size]
+
+
+def category_weights(ids: jax.Array, block_weights: jax.Array, resegmented: jax.Array, base_size: int,
+                     train_counts: jax.Array) -> jax.Array:
+    """(B, T-1, len(EVAL_CATEGORIES)) float32 weights of the predictions of blocks ids (B, T).
 
     The prediction at position j has target ids[:, j + 1], so its categories are read at
     j + 1: `resegmented` (B, T) is the per-token mask aligned with ids. Windows are cut
     from each block's targets, WAKE_WINDOW at a time from its start (the last may be shorter).
+    `train_counts` (V,) is `training_counts` of the run's training blocks: traced, so one
+    compile serves every split.
     """
     targets = ids[:, 1:]
     is_new = targets >= base_size
@@ -300,18 +317,20 @@ def category_weights(ids: jax.Array, block_weights: jax.Array, resegmented: jax.
     pad = -length % WAKE_WINDOW
     windows = jnp.pad(is_new, ((0, 0), (0, pad))).reshape(batch, -1, WAKE_WINDOW).any(axis=-1)
     in_wake_window = jnp.repeat(windows, WAKE_WINDOW, axis=1)[:, :length]
-    columns = (jnp.ones_like(is_new), is_new, ~is_new, resegmented[:, 1:] & ~is_new, in_wake_window, ~in_wake_window)
+    seen_count = jnp.take(train_counts, targets, mode="clip")
+    buckets = [is_new & (seen_count >= low) & (True if high is None else seen_count < high) for low, high in SEEN_BUCKETS]
+    columns = (jnp.ones_like(is_new), is_new, ~is_new, resegmented[:, 1:] & ~is_new, in_wake_window, ~in_wake_window,
+               is_new & (seen_count > 0), is_new & (seen_count == 0), *buckets)
     block = block_weights[:, None].astype(jnp.float32)
     return jnp.stack([block * c.astype(jnp.float32) for c in columns], axis=-1)
 
 
 def make_eval_step(settings: StepSettings, base_size: int) -> Callable:
-    """eval_step(trainable, frozen, ids (B, T), block_weights (B,), resegmented (B, T) bool)
-    -> (loss sums (6,), prediction counts (6,)) over EVAL_CATEGORIES, from one pass over the
-    chunked logits."""
+    """eval_step(trainable, frozen, ids (B, T), block_weights (B,), resegmented (B, T) bool, train_counts (V,))
+    -> (loss sums, prediction counts) over EVAL_CATEGORIES, from one pass over the chunked logits."""
 
-    def eval_step(trainable, frozen, ids, block_weights, resegmented):
-        weights = category_weights(ids, block_weights, resegmented, base_size)
+    def eval_step(trainable, frozen, ids, block_weights, resegmented, train_counts):
+        weights = category_weights(ids, block_weights, resegmented, base_size, train_counts)
         return weighted_loss_sum(trainable, frozen, ids, weights, settings), jnp.sum(weights, axis=(0, 1))
 
     return eval_step

@@ -326,6 +326,8 @@ VAL_BY_TYPE = (
     ("resegmented", "Val: re-segmented (n)", "validation, base tokens in re-segmented words"),
     ("wake_windows", "Val: windows with Wake tokens (n)", "validation, windows holding a new token"),
     ("plain_windows", "Val: windows without (n)", "validation, windows without a new token"),
+    ("new_seen", "Val: new, seen in training (n)", "validation, new tokens that occur in training"),
+    ("new_unseen", "Val: new, never in training (n)", "validation, new tokens no training block holds"),
 )
 
 
@@ -376,7 +378,8 @@ def write_loss_curve(workdir: pathlib.Path, events: Iterable[dict], title: str =
         ax.plot(*zip(*train), label="training loss (mean since previous log)", color="tab:blue")
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", color="tab:red")
-    for (category, _, label), color in zip(VAL_BY_TYPE, ("tab:purple", "tab:green", "tab:orange", "tab:brown", "tab:gray")):
+    colors = ("tab:purple", "tab:green", "tab:orange", "tab:brown", "tab:gray", "tab:olive", "tab:cyan")
+    for (category, _, label), color in zip(VAL_BY_TYPE, colors):
         points = [(e["step"], e[f"val_loss_{category}"]) for e in events if e.get(f"val_loss_{category}") is not None]
         if points:
             ax.plot(*zip(*points), "--", marker=".", label=label, color=color)
