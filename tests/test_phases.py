@@ -104,6 +104,21 @@ def test_phase2_refuses_other_settings_and_a_missing_phase1(phase1, phase2, tmp_
     assert same.returncode == 1 and "each phase writes its own workdir" in same.stderr.splitlines()[-1]
     bad = launch("train_p2", tmp_path / "p2b", f"--phase1={phase1}", "--lora_targets=q_proj,w_proj", *FAST)
     assert bad.returncode == 1 and "--lora_targets" in bad.stderr.splitlines()[-1]
+    # A shape change no checkpoint restores into: refused in one line before anything is recorded, flag or not.
+    record_before = (phase2 / "config.json").read_bytes()
+    reshaped = launch("train_p2", phase2, f"--phase1={phase1}", "--phase1_step=latest", *FAST,
+                      "--max_steps=6", "--eval_every=3", "--save_every=3", "--lora_rank=4", "--allow_config_change")
+    assert reshaped.returncode == 1, reshaped.stderr[-2000:]
+    assert "holds adapters of rank 8" in reshaped.stderr.splitlines()[-1] and "Traceback" not in reshaped.stderr
+    assert (phase2 / "config.json").read_bytes() == record_before
+    # A rank above the adapted matrices' smaller side (the demo's hidden size is far below 100,000).
+    huge = launch("train_p2", tmp_path / "p2c", f"--phase1={phase1}", "--lora_rank=100000", *FAST)
+    assert huge.returncode == 1 and "--lora_rank=100000 exceeds" in huge.stderr.splitlines()[-1], huge.stderr[-2000:]
+    assert not (tmp_path / "p2c" / "config.json").exists()
+    # A Phase 2 workdir given as --phase1.
+    wrong = launch("train_p2", tmp_path / "p2d", f"--phase1={phase2}", *FAST)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr, wrong.stderr[-2000:]
+    assert "is a Phase 2 run" in wrong.stderr.splitlines()[-1], wrong.stderr[-2000:]
 
 
 def test_phase2_export_is_a_peft_adapter_and_a_merged_model(phase2, tmp_path):

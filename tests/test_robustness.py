@@ -243,6 +243,8 @@ CASES = [
     train("unknown frozen dtype", "--frozen_dtype=int4", message=r"--frozen_dtype: unknown dtype 'int4'.*int8, nf4"),
     train("unknown compute dtype", "--compute_dtype=fp64", message=r"--compute_dtype: unknown dtype 'fp64'"),
     train("mesh larger than the devices", "--mesh=3,5", message=r"--mesh='3,5' needs 15 devices but \d+ are available"),
+    train("mesh larger than the devices, preparing only", "--mesh=3,5", "--max_steps=0",
+          message=r"--mesh='3,5' needs 15 devices but \d+ are available"),
     train("mesh not two integers", "--mesh=abc", message=r"--mesh='abc': expected two integers"),
     # multi-host flags: refused before JAX starts, never ignored
     train("coordinator without --distributed", "--coordinator_address=127.0.0.1:1234",

@@ -20,6 +20,7 @@ folds the adapters into the kernels for an export that needs no PEFT at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -71,6 +72,18 @@ def adapter_shapes(cfg: ModelConfig, spec: LoraSpec) -> Adapters:
     module = model.LlamaModel(cfg, lora=spec)
     variables = jax.eval_shape(module.init, jax.random.key(0), ids, ids, jnp.ones((1, 1, 1), bool))
     return variables["lora"]
+
+
+def check_rank(cfg: ModelConfig, spec: LoraSpec) -> None:
+    """Refuses a rank above an adapted matrix's smaller side: past it the update is no longer
+    low-rank, only larger (a rank of 100,000 on hidden size 128 wrote 7 GB of checkpoints)."""
+    sides = {}
+    for block, name, a, b in _projections(adapter_shapes(cfg, dataclasses.replace(spec, rank=1)), spec):
+        sides[name] = min(a.shape[-2], b.shape[-1])
+    name = min(sides, key=sides.get)
+    if spec.rank > sides[name]:
+        raise FlagError(f"--lora_rank={spec.rank} exceeds {name}'s smaller side ({sides[name]}); a LoRA update of "
+                        f"that matrix has rank at most {sides[name]}: choose --lora_rank <= {sides[name]}")
 
 
 def _projections(adapters: Adapters, spec: LoraSpec):

@@ -63,6 +63,12 @@ def check_previous_workdir(cfg, flag: str, previous: str, command: str) -> None:
         raise FlagError(f"--workdir and --{flag} are both {here}: each phase writes its own workdir; choose another --workdir")
     if not (there / records.CONFIG).is_file():
         raise PhaseInputError(f"--{flag}={previous}: no {records.CONFIG} there; train it first ({command} --workdir={previous})")
+    # --phase1 names a Phase 1 run, --phase2 a Phase 2 run: another phase's record lacks what this one reads.
+    wanted = int(flag.removeprefix("phase"))
+    found = (records.read_config(there) or {}).get("phase", 1)
+    if found != wanted:
+        raise PhaseInputError(f"--{flag}={previous} is a Phase {found} run; pass the workdir of a Phase {wanted} run "
+                              f"({command})")
 
 
 def validate_flags(cfg: Phase2Config) -> None:
@@ -158,6 +164,21 @@ def phase1_inputs(phase1: pathlib.Path, cache_dir: pathlib.Path) -> Phase1Inputs
     return Phase1Inputs(record, flags, model_dir, tokenizer, record["vocab"], train_blocks, val_blocks, val_resegmented, hashes)
 
 
+def check_adapters_unchanged(stored: dict | None, spec: lora.LoraSpec, workdir: pathlib.Path) -> None:
+    """A run with committed checkpoints keeps its adapters' shapes: no checkpoint of rank 8
+    restores as rank 4, so such a change is refused before anything is recorded, even with
+    --allow_config_change (which lets a run go on under other settings, not other shapes)."""
+    before = (stored or {}).get("lora")
+    if not before or not checkpoint.committed_steps(workdir):
+        return
+    was = (tuple(before["targets"]), int(before["rank"]))
+    if was != (spec.targets, spec.rank):
+        raise records.ConfigMismatchError(
+            f"{workdir} holds adapters of rank {was[1]} on {','.join(was[0])}; --lora_rank={spec.rank} "
+            f"--lora_targets={','.join(spec.targets)} would change their shapes, which no checkpoint there can be "
+            "restored into: keep the run's rank and targets, or use a fresh --workdir")
+
+
 def prepare_phase2(cfg: Phase2Config):
     """The Phase 2 job: adapters trainable; body, table and head frozen; Phase 1's blocks."""
     from wake2vec import loop
@@ -180,6 +201,8 @@ def prepare_phase2(cfg: Phase2Config):
     schedule = optim.schedule_record(stored, cfg)
     model_cfg = convert.read_config(inputs.model_dir).replace(vocab_size=total, tie_word_embeddings=tied)
     spec = lora_spec(cfg)
+    lora.check_rank(model_cfg, spec)
+    check_adapters_unchanged(stored, spec, workdir)
     record = {
         **(stored or {}),
         "phase": 2,

@@ -118,8 +118,9 @@ def validate_run_flags(cfg: RunConfig) -> None:
     for name, holds, requirement in _RANGES:
         if hasattr(cfg, name) and not holds(getattr(cfg, name)):
             raise FlagError(f"--{name}={getattr(cfg, name)} must be {requirement}")
-    if cfg.max_steps:
-        _validate_mesh(cfg)
+    # Whatever --max_steps is: a --max_steps=0 run records the flags, and a mesh recorded there
+    # that no device count fits would refuse the corrected command later.
+    _validate_mesh(cfg)
 
 
 def validate_flags(cfg: TrainConfig) -> None:
