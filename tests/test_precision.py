@@ -22,8 +22,9 @@ TINY = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidd
 
 @pytest.fixture
 def policy():
+    before = jax.config.jax_default_matmul_precision
     yield precision.apply
-    precision.apply("default")  # leave the process as other tests expect it
+    jax.config.update("jax_default_matmul_precision", before)  # as the other tests expect it (conftest)
 
 
 def dot_precisions(lowered) -> set[str]:
