@@ -184,11 +184,11 @@ def test_sigkill_after_a_commit_then_resume_is_bit_identical(tmp_path):
 
 def test_flagfile_is_honoured(tmp_path):
     flagfile = tmp_path / "run.flags"
-    flagfile.write_text("--max_steps=2\n--eval_every=2\n--save_every=2\n--lr=0.002\n")
+    flagfile.write_text("--max_steps=0\n--eval_every=2\n--save_every=2\n--lr=0.002\n")  # preparing records them
     out = launch(tmp_path / "w", f"--flagfile={flagfile}")
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((tmp_path / "w" / "config.json").read_text())
-    assert config["flags"]["lr"] == 0.002 and config["flags"]["max_steps"] == 2
+    assert config["flags"]["lr"] == 0.002 and config["flags"]["max_steps"] == 0 and config["flags"]["eval_every"] == 2
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
