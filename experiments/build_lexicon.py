@@ -49,6 +49,8 @@ class BuildLexiconConfig:
     max_words: int = 0
     # Optional general-use frequency list, 'word<TAB>count' per line; ranks rarest first.
     frequency_list: str = ""
+    # Replace --out if it exists (otherwise an existing file is refused, before anything is read).
+    overwrite: bool = False
 
 
 _REPORT_TOP = 10
@@ -107,6 +109,8 @@ def run(cfg: BuildLexiconConfig) -> str:
     for name, low in (("min_count", 1), ("min_pieces", 1), ("max_words", 0)):
         if getattr(cfg, name) < low:
             raise FlagError(f"--{name}={getattr(cfg, name)} must be at least {low}")
+    if pathlib.Path(cfg.out).exists() and not cfg.overwrite:
+        raise FlagError(f"{cfg.out} exists; pass --out=OTHER.txt, or --overwrite to replace it")
     return write_lexicon(cfg.corpus, cfg.tokenizer, cfg.out, min_count=cfg.min_count, min_pieces=cfg.min_pieces,
                          max_words=cfg.max_words, frequency_list=cfg.frequency_list)
 

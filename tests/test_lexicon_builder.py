@@ -292,3 +292,23 @@ def test_injection_report_says_what_reference_injection_would_re_segment(demo_to
     assert ": hearthquake (2)" in reference
     assert whole.startswith("--injection=whole_word: ") and " re-segments 0 of " in whole
     assert "lexicon coverage 100.00% of multi-piece occurrences" in whole
+
+
+def test_launcher_refuses_an_existing_out_unless_overwrite(tmp_path, tokenizer_dir):
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "mine.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    out.write_text("the user's own file\n", encoding="utf-8")
+    refused = run_launcher(f"--corpus={corpus}", f"--tokenizer={tokenizer_dir}", f"--out={out}")
+    assert refused.returncode == 1 and "exists; pass --out=OTHER.txt, or --overwrite" in refused.stderr.splitlines()[-1]
+    assert out.read_text(encoding="utf-8") == "the user's own file\n"
+    replaced = run_launcher(f"--corpus={corpus}", f"--tokenizer={tokenizer_dir}", f"--out={out}", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert out.read_text(encoding="utf-8") != "the user's own file\n"
+
+
+def test_lexicon_entries_without_a_letter_or_digit_are_left_out(tmp_path):
+    from wake2vec import vocab
+
+    path = tmp_path / "lexicon.txt"
+    path.write_text("riverrun\n...\n!!!\n—\nhowth2\n", encoding="utf-8")
+    assert vocab.load_lexicon(path) == ["riverrun", "howth2"]

@@ -51,13 +51,20 @@ def load_lexicon(path: str | os.PathLike) -> list[str]:
     """
     text = read_utf8(path, error=LexiconError, what="lexicon")
     words: dict[str, None] = {}
+    punctuation = []
     for line_no, line in enumerate(text.split("\n"), start=1):
         word = unicodedata.normalize("NFC", line.strip())
         if not word:
             continue
         if any(ch.isspace() for ch in word):
             raise LexiconError(f"{path}:{line_no}: {word!r} contains whitespace; the lexicon is one word per line")
+        if not any(ch.isalnum() for ch in word):
+            punctuation.append(word)  # "...", "!!!", "—": no word to teach, and a token would swallow the text's punctuation
+            continue
         words.setdefault(word, None)
+    if punctuation:
+        logging.warning("lexicon %s: %d entries without a letter or digit left out (%s)", path, len(punctuation),
+                        ", ".join(repr(w) for w in punctuation[:5]) + (", ..." if len(punctuation) > 5 else ""))
     if not words:
         raise LexiconError(f"lexicon {path} has no words; pass --lexicon=PATH to a file with one word per line")
     return list(words)
