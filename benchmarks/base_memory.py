@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from wake2vec import model, optim, parallel, quant, train
+from wake2vec.models import model, quant
+from wake2vec.training import optim, parallel, train
 from wake2vec.config import ModelConfig, RopeScaling, TrainConfig, dtype_from_name
 
 _OUT = flags.DEFINE_string("out", "docs/bases.md", "Markdown table to write (a .json with the raw figures beside it)")
@@ -111,7 +112,7 @@ def abstract_body(cfg: ModelConfig, frozen_dtype: str) -> dict:
     dtype = jnp.float32 if quantized else dtype_from_name(frozen_dtype)
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0), dtype))
     body = {k: v for k, v in params.items() if k not in ("embedding", "lm_head")}
-    # int8 / nf4 leaves in place of the float kernels (wake2vec.quant)
+    # int8 / nf4 leaves in place of the float kernels (wake2vec.models.quant)
     return quant.abstract_body(body, frozen_dtype) if quantized else body
 
 

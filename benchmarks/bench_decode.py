@@ -1,4 +1,4 @@
-r"""Decode speed of wake2vec.generate, and what the KV cache buys.
+r"""Decode speed of wake2vec.models.generate, and what the KV cache buys.
 
     python -m benchmarks.bench_decode [--hidden=512 --layers=8 --heads=8 --kv_heads=2 \
         --vocab=32000 --prompt_len=100 --new_tokens=1000 --cache_len=1200 --repeats=20]
@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec import config, generate, model
+from wake2vec import config
+from wake2vec.models import generate, model
 from wake2vec.config import ModelConfig
 
 _HIDDEN = flags.DEFINE_integer("hidden", 512, "Hidden size.")

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from wake2vec import vocab
+from wake2vec.tokens import vocab
 from wake2vec.analysis import metrics, source_pairs, source_rank
 
 _SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -112,7 +112,8 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> tuple[float, float
 
 def real_weights(shape: dict):
     """(ModelConfig, host params) of --gguf with the table grown to shape["vocab"] rows (seeded mean_noise)."""
-    from wake2vec import convert, vocab
+    from wake2vec.models import convert
+    from wake2vec.tokens import vocab
 
     cfg, params = convert.load_hf(_GGUF.value, as_numpy=True)
     table = params.pop("embedding")
@@ -127,7 +128,9 @@ def wake2vec_inputs(shape: dict):
     import jax.numpy as jnp
     import numpy as np
 
-    from wake2vec import model, optim, padding, parallel
+    from wake2vec.models import model
+    from wake2vec.training import optim, parallel
+    from wake2vec.models import padding
     from wake2vec.config import TrainConfig, dtype_from_name
 
     cfg = _model_config(shape)
@@ -151,7 +154,7 @@ def wake2vec_step(inputs: dict, remat: str):
     """(run_one_step, the compiled step) under one remat policy; the state is donated step to step."""
     import jax
 
-    from wake2vec import train
+    from wake2vec.training import train
     from wake2vec.config import dtype_from_name
 
     settings = train.StepSettings(inputs["cfg"], dtype_from_name(_COMPUTE_DTYPE.value), remat, loss_chunk=1024)

@@ -8,7 +8,7 @@ default optimiser's state for it, initialised on the table plus one frozen leaf 
 optax.partition's masked structure is the real one. One optimiser update with a random
 gradient gives the Adafactor factors realistic (incompressible) values, and the table is
 random too, as a trained one is; zeros would compress away and flatter the figure.
-Then it saves one checkpoint with wake2vec.checkpoint and reports its size and timings.
+Then it saves one checkpoint with wake2vec.training.checkpoint and reports its size and timings.
 The issue's bound: at most 1.1 x the table's bytes.
 """
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from wake2vec import checkpoint, optim, train
+from wake2vec.training import checkpoint, optim, train
 from wake2vec.config import TrainConfig
 
 _DIR = flags.DEFINE_string("dir", "/tmp/wake2vec_checkpoint_size", "checkpoint directory (emptied first)")

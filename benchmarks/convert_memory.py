@@ -32,7 +32,7 @@ TINYLLAMA_SHAPE = dict(
 _CHILD = """
 import sys, time
 import jax
-from wake2vec import convert
+from wake2vec.models import convert
 def hwm():
     for line in open('/proc/self/status'):
         if line.startswith('VmHWM:'):
@@ -49,7 +49,7 @@ def write_random_checkpoint(directory: pathlib.Path, dtype: str = "float32") -> 
     """A seeded random HF checkpoint at TinyLlama-1.1B's shape, its tensors stored as `dtype`."""
     import numpy as np
 
-    from wake2vec import convert
+    from wake2vec.models import convert
     from wake2vec.config import ModelConfig, dtype_from_name
 
     cfg = ModelConfig(**TINYLLAMA_SHAPE)

@@ -12,7 +12,9 @@ import time
 
 import numpy as np
 
-from wake2vec import convert, distill, prepare, vocab
+from wake2vec.models import convert
+from wake2vec.phases import distill, prepare
+from wake2vec.tokens import vocab
 
 SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 GGUF = SHARED / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -4,7 +4,7 @@
     python -m benchmarks.mesh_cost --shape=tinyllama --meshes=8,1 4,2 2,4
 
 Nothing is allocated: the step is lowered from jax.ShapeDtypeStruct inputs that carry the
-run's shardings (the ones wake2vec.loop uses) and compiled for `--devices` forced host
+run's shardings (the ones wake2vec.training.loop uses) and compiled for `--devices` forced host
 devices; XLA's `cost_analysis()` (FLOPs) and `memory_analysis()` (argument, output, temp
 bytes) of the SPMD-partitioned program are per device. So an 8B body and its 172,451-row
 table are sized on a 2-core machine in a minute. Memory figures are the CPU backend's
@@ -49,7 +49,8 @@ def analyse(shape: str, mesh_spec: str, *, batch_size: int, grad_accum: int, seq
     """Compiles one step for `mesh_spec` and returns its per-device cost and memory."""
     import jax
 
-    from wake2vec import model, optim, parallel, train
+    from wake2vec.models import model
+    from wake2vec.training import optim, parallel, train
     from wake2vec.config import ModelConfig, TrainConfig, dtype_from_name
 
     cfg = ModelConfig(**SHAPES[shape], tie_word_embeddings=True)

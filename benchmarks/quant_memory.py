@@ -41,7 +41,10 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import base_memory
-from wake2vec import convert, data, lora, optim, phase2, prepare, quant, train, vocab
+from wake2vec.models import convert, lora, quant
+from wake2vec.training import data, optim, train
+from wake2vec.phases import phase2, prepare
+from wake2vec.tokens import vocab
 from wake2vec.config import ModelConfig, Phase2Config, TrainConfig, dtype_from_name
 
 _SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -7,7 +7,7 @@ No Wake training is involved: this measures where the new rows *start*, which is
 "before" column every trained run is compared with. The base rows are SmolLM2's real input
 embeddings (dequantised from the GGUF file; tied with its head), the tokenizer is the one
 transformers builds from the same file, and the lexicon is injected with the study's
-add_tokens (wake2vec.vocab.augment_tokenizer). The new rows are initialised two ways:
+add_tokens (wake2vec.tokens.vocab.augment_tokenizer). The new rows are initialised two ways:
 mean_noise (the study's recipe: every new row near the base centroid) and subword_mean (the
 mean of the word's pieces). Each table goes through `report.analyze`, and the source_rank
 figures of each pair group are written as a Markdown table to --out.
@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from wake2vec import vocab
+from wake2vec.tokens import vocab
 from wake2vec.analysis import report, source_rank
 
 _SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"

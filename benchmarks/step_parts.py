@@ -54,7 +54,8 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
-    from wake2vec import model, train
+    from wake2vec.models import model
+    from wake2vec.training import train
 
     shape = benchmark.SHAPES[_PART_SHAPE.value]
     d, f, layers, tokens = shape["hidden"], shape["mlp"], shape["layers"], shape["batch"] * (shape["seq"] - 1)

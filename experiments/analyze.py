@@ -29,7 +29,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from wake2vec import launcher, workdir as records
+from wake2vec import launcher
+from wake2vec.training import workdir as records
 from wake2vec.config import FlagError
 from wake2vec.errors import UserError
 
@@ -137,7 +138,7 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
         raise AnalysisInputError(f"{workdir / records.CONFIG} has no vocab.base_size; use --post/--pre/--base_vocab_size "
                                  "instead") from None
     out_dir = records.writable_dir(pathlib.Path(out_dir) if out_dir is not None else workdir / "analysis", "--out_dir")
-    from wake2vec import runs  # pulls in JAX and Orbax; only this mode needs them
+    from wake2vec.phases import runs  # pulls in JAX and Orbax; only this mode needs them
 
     # A Phase 2 run's table is its Phase 1 table: load_table says so, before anything else is read.
     E_post, loaded_step = runs.load_table(workdir, step=step)  # padding rows already cut
@@ -158,7 +159,7 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
     source = {"workdir": str(workdir), "step": int(loaded_step)}
     summary = report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source,
                                   pairs_file=pairs_file)
-    from wake2vec import tboard
+    from wake2vec.training import tboard
 
     tboard.write_projector(workdir / tboard.LOGDIR, E_post, base_vocab_size, tokens or [None] * E_post.shape[0],
                            name=f"trained table, step {loaded_step}")

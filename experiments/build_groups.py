@@ -1,4 +1,4 @@
-r"""Builds Phase 3's morpheme groups from a lexicon when no annotation exists (see wake2vec.groups).
+r"""Builds Phase 3's morpheme groups from a lexicon when no annotation exists (see wake2vec.phases.groups).
 
     python -m experiments.build_groups --lexicon=wake_lexicon.txt --tokenizer=TOKENIZER_DIR \
         --out=groups.jsonl [--min_pairs=3 --min_stem=3]
@@ -57,7 +57,8 @@ def build(cfg: BuildGroupsConfig) -> tuple[list, dict]:
     """(groups, counts) for the config; writes nothing."""
     import numpy as np
 
-    from wake2vec import groups, vocab
+    from wake2vec.phases import groups
+    from wake2vec.tokens import vocab
 
     base = vocab.load_base_tokenizer(cfg.tokenizer)
     words = vocab.load_lexicon(cfg.lexicon)
@@ -97,8 +98,8 @@ def run(cfg: BuildGroupsConfig) -> str:
     for name in ("min_pairs", "min_stem"):
         if getattr(cfg, name) < 1:
             raise FlagError(f"--{name}={getattr(cfg, name)} must be at least 1")
-    from wake2vec import groups as group_files
-    from wake2vec.workdir import atomic_write_text
+    from wake2vec.phases import groups as group_files
+    from wake2vec.training.workdir import atomic_write_text
 
     found, counts = build(cfg)
     out = pathlib.Path(cfg.out)

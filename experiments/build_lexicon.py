@@ -1,12 +1,12 @@
-r"""Builds the coinage lexicon of a corpus for Phase 1 (see wake2vec.lexicon_builder).
+r"""Builds the coinage lexicon of a corpus for Phase 1 (see wake2vec.tokens.lexicon_builder).
 
     python -m experiments.build_lexicon --corpus=wake.txt --tokenizer=TOKENIZER_DIR \
         --out=lexicon.txt [--min_count=2 --min_pieces=3 --max_words=0 --frequency_list=FILE]
 
 Writes the selected words one per line (UTF-8), rarest in general use first when a
 frequency list is given and most fragmented first otherwise, and prints a short report.
-The corpus is read as training reads it (wake2vec.data.read_corpus: NFC, Gutenberg banners
-stripped) and the tokenizer is loaded as training loads it (wake2vec.vocab), so the lexicon
+The corpus is read as training reads it (wake2vec.training.data.read_corpus: NFC, Gutenberg banners
+stripped) and the tokenizer is loaded as training loads it (wake2vec.tokens.vocab), so the lexicon
 is measured on the very text and pieces that Phase 1 will see.
 """
 
@@ -67,7 +67,8 @@ def write_lexicon(
     frequency_list: str,
 ) -> str:
     """Selects the lexicon of `corpus`, writes it to `out` and returns the report to print."""
-    from wake2vec import data, lexicon_builder, vocab, workdir as records
+    from wake2vec.training import data, workdir as records
+    from wake2vec.tokens import lexicon_builder, vocab
 
     text = data.read_corpus(corpus)
     try:

@@ -74,7 +74,9 @@ def source_dtype(source_config: dict) -> str:
 
 def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE) -> int:
     """Writes the HF directory `out` from the run in `workdir`; returns the exported step."""
-    from wake2vec import runs, vocab, workdir as records
+    from wake2vec.phases import runs
+    from wake2vec.tokens import vocab
+    from wake2vec.training import workdir as records
     from wake2vec.config import dtype_from_name
 
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
@@ -100,7 +102,7 @@ def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE
     if adapters is None:
         _write_model(out, cfg, params, source_config, tokenizer_dir)
     else:
-        from wake2vec import lora
+        from wake2vec.models import lora
 
         spec = runs.lora_spec(record)
         _write_model(out / BASE_DIR, cfg, params, source_config, tokenizer_dir)
@@ -115,7 +117,7 @@ def export(workdir, out, step: int | None = None, body_dtype: str = SOURCE_DTYPE
 
 
 def _write_model(out: pathlib.Path, cfg, params: dict, source_config: dict | None, tokenizer_dir: pathlib.Path) -> None:
-    from wake2vec import convert
+    from wake2vec.models import convert
 
     convert.save_hf(cfg, params, out, source_config=source_config)
     # The tokenizer files are copied, not re-serialised, so the export tokenizes exactly

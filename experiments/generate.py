@@ -11,9 +11,9 @@ its augmented tokenizer (W/tokenizer); --model decodes any HF checkpoint directo
 (its tokenizer from --tokenizer, else from the same directory), so a base model can be
 read beside the trained one. The prompt is encoded with the tokenizer's special tokens
 (Llama's BOS in front), as the study did; a row stops at the tokenizer's EOS. The
-tokenizer is loaded as training loads it (wake2vec.vocab.load_base_tokenizer).
+tokenizer is loaded as training loads it (wake2vec.tokens.vocab.load_base_tokenizer).
 
-Writes --out (default W/generations.md) through wake2vec.generate.write_generations: the
+Writes --out (default W/generations.md) through wake2vec.models.generate.write_generations: the
 prompt and settings, then one section per temperature and sample (0 means greedy) with the sample's
 key, and generations.json beside it with the same samples, keys and token ids; prints
 one line per sample. An existing file, such as the training run's own generations.md, is
@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 from wake2vec import launcher
 from wake2vec.config import FlagError
 
-# The study's settings (wake2vec.generate.GenerationSettings), repeated as flag defaults so
+# The study's settings (wake2vec.models.generate.GenerationSettings), repeated as flag defaults so
 # --help need not import JAX; a test keeps the two equal.
 STUDY_PROMPT = "riverrun, past Eve and Adam's,"
 
@@ -97,11 +97,13 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
 def load_model(workdir: str, step: int | None, model_dir: str, tokenizer_dir: str) -> tuple[Any, Any, int | None, Any, str]:
     """(cfg, params, checkpoint step or None, tokenizer, a description of the source).
 
-    The tokenizer is read as training reads it (wake2vec.vocab: tokenizer.json as saved), so
+    The tokenizer is read as training reads it (wake2vec.tokens.vocab: tokenizer.json as saved), so
     the prompt splits exactly as the corpus did; a run's own tokenizer is checked against
     the hash its config.json recorded.
     """
-    from wake2vec import convert, vocab, workdir as records
+    from wake2vec.models import convert
+    from wake2vec.tokens import vocab
+    from wake2vec.training import workdir as records
 
     if model_dir:
         if step is not None:
@@ -109,7 +111,7 @@ def load_model(workdir: str, step: int | None, model_dir: str, tokenizer_dir: st
         cfg, params = convert.load_hf(model_dir)
         return cfg, params, None, vocab.load_base_tokenizer(tokenizer_dir or model_dir), f"HF checkpoint {model_dir}"
     # Imported here: the checkpoint module pulls in Orbax, which --model runs never need.
-    from wake2vec import runs
+    from wake2vec.phases import runs
 
     cfg, params, loaded_step = runs.load_params(workdir, step)
     if not tokenizer_dir:
@@ -119,7 +121,7 @@ def load_model(workdir: str, step: int | None, model_dir: str, tokenizer_dir: st
 
 def output_path(cfg: GenerateConfig) -> pathlib.Path:
     """Where the file goes, refused before any model is read if it would replace a file unasked."""
-    from wake2vec import generate
+    from wake2vec.models import generate
 
     out = pathlib.Path(cfg.out) if cfg.out else pathlib.Path(cfg.workdir) / generate.GENERATIONS_FILE
     if out.is_dir():
@@ -132,7 +134,8 @@ def output_path(cfg: GenerateConfig) -> pathlib.Path:
 def run(cfg: GenerateConfig) -> str:
     if not cfg.workdir:
         raise FlagError("--workdir is required: the run to decode, or where to write with --model")
-    from wake2vec import config, generate
+    from wake2vec import config
+    from wake2vec.models import generate
 
     temperatures = parse_temperatures(cfg.temperatures)
     try:
@@ -144,7 +147,7 @@ def run(cfg: GenerateConfig) -> str:
         compute_dtype = config.dtype_from_name(cfg.compute_dtype)
     except ValueError as err:  # GenerationSettings and dtype names check ranges with plain ValueErrors
         raise FlagError(str(err)) from None
-    from wake2vec import workdir as records
+    from wake2vec.training import workdir as records
 
     out = output_path(cfg)
     records.writable_dir(out.parent, "--out")
@@ -154,7 +157,7 @@ def run(cfg: GenerateConfig) -> str:
     base_vocab_size = record.get("vocab", {}).get("base_size")
     adapters = None
     if "lora" in record:  # a Phase 2 or 3 run: its adapters apply unmerged, as trained
-        from wake2vec import runs
+        from wake2vec.phases import runs
 
         adapters = runs.lora_spec(record)
     # Written beside --out and renamed onto it: a kill never leaves half a file. The JSON

@@ -38,7 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec import runs, convert, data, generate, launcher, loop, prepare, train, vocab, workdir as records
+from wake2vec.phases import runs, prepare
+from wake2vec.models import convert, generate
+from wake2vec.training import data, loop, train, workdir as records
+from wake2vec import launcher
+from wake2vec.tokens import vocab
 from wake2vec.analysis import metrics
 from wake2vec.config import ModelConfig, TrainConfig
 from wake2vec.errors import UserError

@@ -41,7 +41,8 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from experiments import real_model
-from wake2vec import launcher, workdir as records
+from wake2vec import launcher
+from wake2vec.training import workdir as records
 from wake2vec.config import Phase2Config, Phase3Config
 
 SHARED = real_model.SHARED
@@ -261,7 +262,8 @@ def write_reports(cfg: RealPhasesConfig, workdirs: dict[str, pathlib.Path], resu
 
 
 def run(cfg: RealPhasesConfig) -> str:
-    from wake2vec import loop, phase2, phase3
+    from wake2vec.training import loop
+    from wake2vec.phases import phase2, phase3
 
     out = pathlib.Path(cfg.out)
     workdirs = {name: out / name for name in ("p1", "p2", "p3")}

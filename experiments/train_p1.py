@@ -27,7 +27,7 @@ def demo_preset(cfg: TrainConfig, explicitly_set: set[str]) -> TrainConfig:
 
 def run(cfg: TrainConfig) -> str:
     # Imported here, so --help answers before JAX, Orbax and transformers load.
-    from wake2vec import loop
+    from wake2vec.training import loop
 
     result = loop.run(cfg)
     return f"done: {result.workdir} at step {result.final_step}"

@@ -16,14 +16,14 @@ from wake2vec.config import Phase2Config
 
 
 def demo_preset(cfg: Phase2Config, explicitly_set: set[str]) -> Phase2Config:
-    from wake2vec import phase2
+    from wake2vec.phases import phase2
 
     return phase2.demo_preset(cfg, explicitly_set)
 
 
 def run(cfg: Phase2Config) -> str:
     # Imported here, so --help answers before JAX, Orbax and transformers load.
-    from wake2vec import phase2
+    from wake2vec.phases import phase2
 
     result = phase2.run(cfg)
     return f"done: {result.workdir} at step {result.final_step}"

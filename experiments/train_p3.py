@@ -17,14 +17,14 @@ from wake2vec.config import Phase3Config
 
 
 def demo_preset(cfg: Phase3Config, explicitly_set: set[str]) -> Phase3Config:
-    from wake2vec import phase3
+    from wake2vec.phases import phase3
 
     return phase3.demo_preset(cfg, explicitly_set)
 
 
 def run(cfg: Phase3Config) -> str:
     # Imported here, so --help answers before JAX, Orbax and transformers load.
-    from wake2vec import phase3
+    from wake2vec.phases import phase3
 
     result = phase3.run(cfg)
     return f"done: {result.workdir} at step {result.final_step}"

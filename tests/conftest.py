@@ -18,7 +18,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 @pytest.fixture(scope="session", autouse=True)
 def full_float32_matmuls():
     """The parity tests compare float32 programs with torch's: on a GPU, XLA's default would be
-    TF32 (wake2vec.precision). A no-op on CPU, where XLA's default is already full float32."""
+    TF32 (wake2vec.training.precision). A no-op on CPU, where XLA's default is already full float32."""
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")

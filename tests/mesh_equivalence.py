@@ -4,7 +4,7 @@ The batch is split over every device and the frozen body is sharded over every d
 (gathered a layer at a time), so this also checks that those gathers change nothing.
 
 With format names as arguments (`python -m tests.mesh_equivalence int8 nf4`) it runs the
-same step with the body quantized (wake2vec.quant) instead, on one device and on 4,2,
+same step with the body quantized (wake2vec.models.quant) instead, on one device and on 4,2,
 for tests/test_quant.py: the compressed leaves are sharded and gathered like any other.
 With `lora` it runs Phase 2's step (adapters trainable, dropout on; body, table and head
 frozen, the table sharded on its vocabulary axis) on one device and on 4,2, for
@@ -26,7 +26,8 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from wake2vec import lora, model, optim, padding, parallel, quant, train  # noqa: E402
+from wake2vec.models import lora, model, padding, quant  # noqa: E402
+from wake2vec.training import optim, parallel, train  # noqa: E402
 from wake2vec.config import ModelConfig, Phase2Config, TrainConfig  # noqa: E402
 
 CFG = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -55,7 +56,7 @@ def run(mesh_spec: str, devices, fmt: str | None = None, adapters: bool = False)
                                   trainable_keys=("lora",))
         settings = train.StepSettings(CFG, loss_chunk=64, lora=spec, seed=3)
     state = train.init_state(trainable, frozen, tx)
-    # The shardings and the jitted step of a real run (wake2vec.loop builds them the same way).
+    # The shardings and the jitted step of a real run (wake2vec.training.loop builds them the same way).
     state_sharding = parallel.state_sharding(state, mesh, rows)
     frozen_sharding = parallel.frozen_sharding(frozen, mesh, rows)
     batch_sharding = parallel.batch_sharding(mesh, 3, 1)
@@ -66,7 +67,7 @@ def run(mesh_spec: str, devices, fmt: str | None = None, adapters: bool = False)
     losses = []
     for seed in range(3):
         batch = np.random.default_rng(seed).integers(0, 300, (2, 8, 33)).astype(np.int32)
-        with jax.set_mesh(mesh):  # traced with the mesh in context, as wake2vec.loop lowers it
+        with jax.set_mesh(mesh):  # traced with the mesh in context, as wake2vec.training.loop lowers it
             state, metrics = step(state, frozen, jax.device_put(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
     table = (frozen if adapters else state.trainable)["embedding"]

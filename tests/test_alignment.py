@@ -1,4 +1,4 @@
-"""wake2vec.alignment: each extra loss on tiny tables where its value is known by hand."""
+"""wake2vec.phases.alignment: each extra loss on tiny tables where its value is known by hand."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wake2vec import alignment
-from wake2vec.alignment import AlignmentData, AlignmentWeights, WordPieces
+from wake2vec.phases import alignment
+from wake2vec.phases.alignment import AlignmentData, AlignmentWeights, WordPieces
 
 
 def pieces(*words: list[int]) -> WordPieces:

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from wake2vec.alignment import AlignmentData
+from wake2vec.phases.alignment import AlignmentData
 from wake2vec.analysis import morphology, report
-from wake2vec.groups import pack_pieces
+from wake2vec.phases.groups import pack_pieces
 
 E = np.eye(4)
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from experiments import analyze as analyze_launcher
-from wake2vec import vocab
+from wake2vec.tokens import vocab
 from wake2vec.analysis import metrics, report, source_pairs, source_rank
 from wake2vec.analysis.source_pairs import SourcePair
 from wake2vec.demo.tokenizer import train_demo_tokenizer

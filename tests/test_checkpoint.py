@@ -1,4 +1,4 @@
-"""wake2vec.checkpoint: exact round trips, retention, and each fault the issue names.
+"""wake2vec.training.checkpoint: exact round trips, retention, and each fault the issue names.
 
 The states are real: a tiny random Llama trained for a few jitted steps with the run's
 optimiser, so the optimiser state has optax.partition's MaskedNode / EmptyState nodes.
@@ -29,8 +29,10 @@ import pytest
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 
 from benchmarks.checkpoint_size import tinyllama_state
-from wake2vec import checkpoint, runs, model, optim, train
-from wake2vec.checkpoint import CheckpointDiskFullError, CheckpointError, Checkpointer
+from wake2vec.training import checkpoint, optim, train
+from wake2vec.phases import runs
+from wake2vec.models import model
+from wake2vec.training.checkpoint import CheckpointDiskFullError, CheckpointError, Checkpointer
 from wake2vec.config import ModelConfig, TrainConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -143,7 +145,8 @@ import pathlib, sys
 import jax
 from jax.sharding import PartitionSpec as P
 from benchmarks.checkpoint_size import tinyllama_state
-from wake2vec import checkpoint, runs, parallel, train
+from wake2vec.training import checkpoint, parallel, train
+from wake2vec.phases import runs
 
 directory = pathlib.Path(sys.argv[1])
 mesh = parallel.make_mesh("1,2")
@@ -255,7 +258,8 @@ def test_save_of_a_committed_step_is_a_no_op_and_of_an_older_step_an_error(tmp_p
 _KILLED_SAVER = """
 import pathlib, sys, time
 from benchmarks.checkpoint_size import tinyllama_state
-from wake2vec import checkpoint, runs
+from wake2vec.training import checkpoint
+from wake2vec.phases import runs
 
 directory, where, marker = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
 state = tinyllama_state(rows=256, dim=64)

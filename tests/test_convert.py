@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.hf_oracle import hf_llama, save_checkpoint, torch, transformers
-from wake2vec import convert
+from wake2vec.models import convert
 from wake2vec.config import UnsupportedConfigError
 
 

@@ -1,4 +1,4 @@
-"""Tests for wake2vec.data: corpus reading, cached tokenization, blocks, split, batches."""
+"""Tests for wake2vec.training.data: corpus reading, cached tokenization, blocks, split, batches."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from wake2vec import data, vocab
-from wake2vec import workdir as records
+from wake2vec.training import data
+from wake2vec.tokens import vocab
+from wake2vec.training import workdir as records
 
 
 def _word_tokenizer() -> PreTrainedTokenizerFast:
@@ -235,7 +236,8 @@ def test_npy_sha256_is_the_hash_of_the_file_np_save_writes(tmp_path):
 
 def test_a_non_writer_process_never_reads_embeddings_pre_the_writer_has_not_written(tmp_path, monkeypatch):
     """The multi-host race: process 1 used to hash embeddings_pre.npy before process 0 wrote it."""
-    from wake2vec import hosts, prepare
+    from wake2vec.training import hosts
+    from wake2vec.phases import prepare
 
     table = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     monkeypatch.setattr(hosts, "is_writer", lambda: False)

@@ -1,4 +1,4 @@
-"""wake2vec.distill on a tiny random Llama: the objective, its fixed point and determinism."""
+"""wake2vec.phases.distill on a tiny random Llama: the objective, its fixed point and determinism."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-from wake2vec import distill, model
+from wake2vec.phases import distill
+from wake2vec.models import model
 from wake2vec.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

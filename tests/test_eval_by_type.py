@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec import model, optim, train, workdir
+from wake2vec.models import model
+from wake2vec.training import optim, train, workdir
 from wake2vec.config import ModelConfig
 
 TINY = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -24,7 +24,10 @@ from transformers import PreTrainedTokenizerFast
 
 from experiments import export_hf
 from tests.hf_oracle import torch, transformers
-from wake2vec import checkpoint, runs, convert, model, optim, train, vocab
+from wake2vec.training import checkpoint, optim, train
+from wake2vec.phases import runs
+from wake2vec.models import convert, model
+from wake2vec.tokens import vocab
 from wake2vec.config import ModelConfig, TrainConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from tests.hf_oracle import FAMILIES, hf_family, hf_greedy, hf_logits, torch, transformers
-from wake2vec import convert, generate, model, train
+from wake2vec.models import convert, generate, model
+from wake2vec.training import train
 from wake2vec.config import ModelConfig, UnsupportedConfigError
 
 SEQ = 600

@@ -1,4 +1,4 @@
-"""KV-cache decoding (wake2vec.generate) and its launcher (experiments/generate.py).
+"""KV-cache decoding (wake2vec.models.generate) and its launcher (experiments/generate.py).
 
 Greedy decoding is held to transformers' `generate(do_sample=False)` token for token, and to
 the real stories260K model's recorded greedy path: any cache, RoPE-offset or masking bug
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from tests.hf_oracle import hf_greedy, hf_llama, save_checkpoint, torch, transformers
-from wake2vec import convert, generate, model, vocab
+from wake2vec.models import convert, generate, model
+from wake2vec.tokens import vocab
 from wake2vec.demo.tokenizer import train_demo_tokenizer
 from experiments import generate as generate_cli
 

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from wake2vec import generate, model, vocab
+from wake2vec.models import generate, model
+from wake2vec.tokens import vocab
 from wake2vec.analysis import report
 from wake2vec.config import ModelConfig
 from wake2vec.demo.tokenizer import train_demo_tokenizer

@@ -1,4 +1,4 @@
-"""GGUF as a model source (wake2vec.gguf_model), held to transformers' own GGUF loader.
+"""GGUF as a model source (wake2vec.models.gguf_model), held to transformers' own GGUF loader.
 
 Two kinds of file:
 
@@ -25,7 +25,8 @@ from tokenizers import pre_tokenizers
 
 from tests.conftest import SHARED_DATA
 from tests.hf_oracle import hf_llama, hf_logits, save_checkpoint, torch, transformers
-from wake2vec import convert, generate, gguf_model, model, vocab
+from wake2vec.models import convert, generate, gguf_model, model
+from wake2vec.tokens import vocab
 
 SMOLLM_DIR = SHARED_DATA / "smollm2"
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

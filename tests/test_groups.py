@@ -1,4 +1,4 @@
-"""wake2vec.groups and experiments.build_groups: group files, affix groups, running-text pieces."""
+"""wake2vec.phases.groups and experiments.build_groups: group files, affix groups, running-text pieces."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from experiments import build_groups
-from wake2vec import alignment, groups, launcher, vocab
-from wake2vec.data import tokenizers_backend
+from wake2vec.phases import alignment, groups
+from wake2vec import launcher
+from wake2vec.tokens import vocab
+from wake2vec.training.data import tokenizers_backend
 from tests.conftest import SHARED_DATA
-from wake2vec.groups import DeviceGroup, GroupFileError, MorphemeGroup
+from wake2vec.phases.groups import DeviceGroup, GroupFileError, MorphemeGroup
 
 
 def write_lines(tmp_path, *lines: str, name: str = "groups.jsonl"):

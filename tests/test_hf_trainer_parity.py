@@ -26,7 +26,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from tests.hf_oracle import hf_llama, save_checkpoint, torch, transformers
-from wake2vec import runs, generate, loop
+from wake2vec.phases import runs
+from wake2vec.models import generate
+from wake2vec.training import loop
 from wake2vec.config import TrainConfig
 
 BASE = ["[UNK]"] + [f"w{i}" for i in range(149)]  # 150 base tokens

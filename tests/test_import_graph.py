@@ -97,11 +97,32 @@ def test_the_finder_sees_a_circle():
 
 def test_the_graph_covers_the_package_and_its_known_edges():
     graph = import_graph()
-    assert "wake2vec.runs" in graph and "wake2vec.analysis.metrics" in graph
-    assert "wake2vec.checkpoint" in graph["wake2vec.runs"]
-    assert "wake2vec.lora_spec" in graph["wake2vec.model"]
+    assert "wake2vec.phases.runs" in graph and "wake2vec.analysis.metrics" in graph
+    assert "wake2vec.training.checkpoint" in graph["wake2vec.phases.runs"]
+    assert "wake2vec.models.lora_spec" in graph["wake2vec.models.model"]
 
 
 def test_no_import_circles():
     circles = strongly_connected(import_graph())
     assert circles == [], "import circles: " + "; ".join(" <-> ".join(c) for c in circles)
+
+
+def test_flat_names_of_moved_modules_import_the_same_module_with_a_warning():
+    import importlib
+    import sys
+    import warnings
+
+    import wake2vec
+
+    sys.modules.pop("wake2vec.loop", None)  # an earlier test's import would skip the warning
+
+    for old, new in wake2vec.MOVED.items():
+        assert importlib.util.find_spec(new) is not None, new
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from wake2vec import loop as flat_loop  # the 0.1 spelling
+    from wake2vec.training import loop
+    assert flat_loop is loop and loop.__spec__.name == "wake2vec.training.loop"
+    assert wake2vec.checkpoint is importlib.import_module("wake2vec.training.checkpoint")
+    assert any(issubclass(w.category, DeprecationWarning) and "wake2vec.training.loop" in str(w.message)
+               for w in caught)

@@ -1,5 +1,5 @@
-"""Tests for the injection modes (wake2vec.whole_word, vocab.inject) and their measurement
-(wake2vec.segmentation).
+"""Tests for the injection modes (wake2vec.tokens.whole_word, vocab.inject) and their measurement
+(wake2vec.tokens.segmentation).
 
 Synthetic tests build two tiny BPE tokenizers locally, one in the Llama tokenizer.json
 layout (normalizer marks word starts with "▁", no pre-tokenizer) and one byte-level
@@ -23,7 +23,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tools import injection_table
-from wake2vec import data, segmentation, vocab, whole_word, words
+from wake2vec.training import data
+from wake2vec.tokens import segmentation, vocab, whole_word, words
 
 _TEXT = (
     "I acknowledge the ack, that ack\nack (ack) o'er-the-weir back. riverrun's riverrun, I'se home\n"

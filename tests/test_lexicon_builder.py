@@ -13,9 +13,9 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 import transformers
 
-from wake2vec import lexicon_builder
+from wake2vec.tokens import lexicon_builder
 from wake2vec.demo import tokenizer as demo_tokenizer
-from wake2vec.lexicon_builder import LexiconEntry, build_lexicon, count_words, extract_words
+from wake2vec.tokens.lexicon_builder import LexiconEntry, build_lexicon, count_words, extract_words
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "wake2vec" / "demo" / "data" / "sample.txt"
@@ -307,7 +307,7 @@ def test_launcher_refuses_an_existing_out_unless_overwrite(tmp_path, tokenizer_d
 
 
 def test_lexicon_entries_without_a_letter_or_digit_are_left_out(tmp_path):
-    from wake2vec import vocab
+    from wake2vec.tokens import vocab
 
     path = tmp_path / "lexicon.txt"
     path.write_text("riverrun\n...\n!!!\n—\nhowth2\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""LoRA (wake2vec.lora and the model's "lora" collection) against PEFT on transformers' Llama.
+"""LoRA (wake2vec.models.lora and the model's "lora" collection) against PEFT on transformers' Llama.
 
 The reference is PEFT's LoRA on tiny random LlamaForCausalLM models (tests.hf_oracle), its
 lora_B given random values (PEFT starts it at 0, which would make every comparison of
@@ -23,9 +23,10 @@ import optax
 import pytest
 
 from tests.hf_oracle import hf_llama, hf_logits, save_checkpoint, torch, transformers
-from wake2vec import convert, lora, model, train
+from wake2vec.models import convert, lora, model
+from wake2vec.training import train
 from wake2vec.config import FlagError, ModelConfig
-from wake2vec.workdir import OutputDirError
+from wake2vec.training.workdir import OutputDirError
 
 peft = pytest.importorskip("peft")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.hf_oracle import hf_llama, hf_logits, save_checkpoint
-from wake2vec import convert, model
+from wake2vec.models import convert, model
 
 SEQ = 600
 

@@ -114,7 +114,8 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
 
 
 def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
-    from wake2vec import checkpoint, runs
+    from wake2vec.training import checkpoint
+    from wake2vec.phases import runs
 
     audits = tmp_path / "audit"
     audits.mkdir()
@@ -204,6 +205,6 @@ def test_a_killed_peer_ends_the_survivor_promptly_and_both_resume(tmp_path):
     # Within the heartbeat timeout (plus the machine's slack), not JAX's 300 s shutdown barrier.
     assert waited < heartbeat + 30, f"the survivor took {waited:.0f} s to stop"
     finish(start_pair(two, audits, 1))
-    from wake2vec import runs
+    from wake2vec.phases import runs
 
     assert runs.load_table(two)[1] == 12

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests.hf_oracle import hf_family, torch, transformers
-from wake2vec import convert, lexicon_builder, optim, prepare, train, vocab
+from wake2vec.models import convert
+from wake2vec.tokens import lexicon_builder, vocab
+from wake2vec.training import optim, train
+from wake2vec.phases import prepare
 from wake2vec.config import TrainConfig
 from wake2vec.demo import SAMPLE_TEXT
 from wake2vec.demo.tokenizer import train_demo_tokenizer

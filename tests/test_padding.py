@@ -1,4 +1,4 @@
-"""wake2vec.padding: the one place vocabulary padding rows are added and cut."""
+"""wake2vec.models.padding: the one place vocabulary padding rows are added and cut."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wake2vec import padding
+from wake2vec.models import padding
 
 
 def test_padded_rows_round_up_to_128_per_model_shard():

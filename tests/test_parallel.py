@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
-from wake2vec import parallel
+from wake2vec.training import parallel
 
 
 @pytest.mark.slow  # 8-device meshes
@@ -64,7 +64,7 @@ def test_a_body_matrix_no_device_count_divides_is_replicated_with_a_warning():
     """6 devices and a (layers, 64, 100) stack: neither 64 nor 100 divides by 6."""
     script = (
         "import logging, jax, numpy as np\n"
-        "from wake2vec import parallel\n"
+        "from wake2vec.training import parallel\n"
         "logging.basicConfig(level=logging.WARNING)\n"
         "mesh = parallel.make_mesh('1,6')\n"
         "tree = {'layers': {'w': np.zeros((2, 64, 100), np.float32), 'v': np.zeros((2, 60, 7), np.float32)}}\n"

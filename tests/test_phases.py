@@ -48,7 +48,7 @@ def phase2(phase1, tmp_path_factory) -> pathlib.Path:
 
 
 def test_phase2_trains_only_the_adapters_on_phase1s_own_blocks(phase1, phase2):
-    from wake2vec import checkpoint
+    from wake2vec.training import checkpoint
 
     p1_events, p2_events = read_jsonl(phase1 / "metrics.jsonl"), read_jsonl(phase2 / "metrics.jsonl")
     p1_last = [e for e in p1_events if e.get("step") == 8 and "val_loss" in e][0]
@@ -73,7 +73,7 @@ def test_phase2_trains_only_the_adapters_on_phase1s_own_blocks(phase1, phase2):
 
 @pytest.mark.slow  # kill/resume chain of launcher runs
 def test_phase2_sigkill_then_resume_is_bit_identical(phase1, tmp_path):
-    from wake2vec import checkpoint
+    from wake2vec.training import checkpoint
 
     schedule = [f"--phase1={phase1}", "--phase1_step=latest", *FAST, "--max_steps=12", "--eval_every=3", "--save_every=3"]
     whole = tmp_path / "whole"
@@ -127,7 +127,8 @@ def test_phase2_export_is_a_peft_adapter_and_a_merged_model(phase2, tmp_path):
     transformers = pytest.importorskip("transformers")
     import jax.numpy as jnp
 
-    from wake2vec import runs, model
+    from wake2vec.phases import runs
+    from wake2vec.models import model
 
     out = tmp_path / "export"
     done = subprocess.run([sys.executable, "-m", "experiments.export_hf", f"--workdir={phase2}", f"--out={out}"],
@@ -164,7 +165,7 @@ def test_phase2_generate_applies_the_adapters_and_analyze_points_to_phase1(phase
 def _groups_file(phase1: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
     """Morpheme groups over the demo's own coinages (the demo lexicon has no English affixes):
     each coinage paired with a base word, so L_morph has pairs that touch Wake rows."""
-    from wake2vec import groups
+    from wake2vec.phases import groups
 
     record = json.loads((phase1 / "config.json").read_text())
     words = pathlib.Path(record["lexicon"]).read_text().split()
@@ -176,7 +177,9 @@ def _groups_file(phase1: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
 
 
 def test_phase3_keeps_the_base_rows_and_logs_each_term_apart(phase1, phase2, tmp_path):
-    from wake2vec import checkpoint, runs, padding
+    from wake2vec.training import checkpoint
+    from wake2vec.phases import runs
+    from wake2vec.models import padding
 
     groups_path = _groups_file(phase1, tmp_path / "groups.jsonl")
     workdir = tmp_path / "p3"

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
-from wake2vec import decode, model, optim, precision, train
+from wake2vec.models import decode, model
+from wake2vec.training import optim, precision, train
 from wake2vec.config import FlagError, ModelConfig
 
 TINY = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

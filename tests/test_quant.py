@@ -1,4 +1,4 @@
-"""The quantized frozen body (wake2vec.quant): closed-form properties of int8 and NF4, the
+"""The quantized frozen body (wake2vec.models.quant): closed-form properties of int8 and NF4, the
 model's projections reading either representation, a train step, the mesh and the launcher."""
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from scipy import stats
 
 from tests.conftest import REPO_ROOT
 from tests.test_train_p1 import final_table, launch, read_jsonl
-from wake2vec import model, optim, prepare, quant, train
+from wake2vec.models import model, quant
+from wake2vec.training import optim, train
+from wake2vec.phases import prepare
 from wake2vec.config import FlagError, ModelConfig, TrainConfig
 
 # in = 200 for down_proj: three full NF4 blocks and a last one of 8 rows.

@@ -19,7 +19,9 @@ import pytest
 from experiments import export_hf
 from tests.conftest import REPO_ROOT, SHARED_DATA
 from tests.hf_oracle import hf_logits, transformers
-from wake2vec import runs, convert, model, workdir as records
+from wake2vec.phases import runs
+from wake2vec.models import convert, model
+from wake2vec.training import workdir as records
 
 # slow tier: runs the launchers on the real SmolLM2 GGUF fixture
 pytestmark = pytest.mark.slow
@@ -152,7 +154,7 @@ def test_experiment_injection_modes_follow_train_config():
 def test_phases_2_and_3_on_the_gguf_run(real_run, tmp_path):
     """Phases 2 and 3 start from the GGUF-sourced Phase 1 run: they rebuild its split from the
     .gguf model source and tokenizer source, verify its table, and continue its losses."""
-    from wake2vec import phase2, phase3
+    from wake2vec.phases import phase2, phase3
     from wake2vec.config import Phase2Config, Phase3Config
 
     short = dict(batch_size=1, grad_accum=1, max_steps=1, eval_every=1, save_every=1, log_every=1, eval_blocks=2, keep=1,

@@ -30,7 +30,8 @@ import pytest
 
 from experiments import analyze, build_lexicon, export_hf, generate as generate_cli, train_p1, train_p2, train_p3
 from tests.conftest import REPO_ROOT
-from wake2vec import launcher, workdir as records
+from wake2vec import launcher
+from wake2vec.training import workdir as records
 from wake2vec.config import Phase2Config, Phase3Config, TrainConfig
 
 FAST = ("--seq_len=32", "--batch_size=2", "--grad_accum=2", "--log_every=2", "--eval_blocks=4", "--eval_every=2",
@@ -61,7 +62,7 @@ def snapshot(workdir: pathlib.Path, *homes: pathlib.Path) -> dict[str, str]:
     config.json is compared without its command line and with the workdir's own path (the
     copy's, or the fixture's it was copied from: `homes`) written as <W>, since the record
     names where its files are. TensorBoard's event file is rebuilt from metrics.jsonl on
-    every start (wake2vec.tboard) under a name and wall times of that start, so it is
+    every start (wake2vec.training.tboard) under a name and wall times of that start, so it is
     compared by what it holds: every (step, tag, value).
     """
     digests = {}
@@ -422,7 +423,7 @@ def test_a_value_error_is_a_bug_not_a_user_error():
 
 def test_the_first_error_is_the_one_shown(runs, tmp_path, monkeypatch, capsys):
     """A full disk fails the save, then the loss table on the same disk: the user sees the first."""
-    from wake2vec import checkpoint, loop
+    from wake2vec.training import checkpoint, loop
 
     workdir = tmp_path / "w"
     shutil.copytree(runs["prepared"], workdir)
@@ -462,7 +463,7 @@ def test_help_as_a_process_exits_zero():
 
 
 def test_generate_flag_defaults_are_the_study_settings():
-    from wake2vec import generate
+    from wake2vec.models import generate
 
     study = generate.GenerationSettings()
     cfg = generate_cli.GenerateConfig()
@@ -511,7 +512,7 @@ def test_preparing_then_training_is_not_a_config_change(runs):
 
 
 def test_preparing_reads_only_the_table_rows_and_hashes_each_source_once(runs, tmp_path, monkeypatch, capsys):
-    from wake2vec import convert
+    from wake2vec.models import convert
 
     workdir = tmp_path / "w"
     shutil.copytree(runs["prepared"], workdir)

@@ -1,4 +1,4 @@
-"""wake2vec.tboard, read back with TensorBoard's own event reader and Embedding Projector plugin.
+"""wake2vec.training.tboard, read back with TensorBoard's own event reader and Embedding Projector plugin.
 
 TensorBoard is a test-only dependency: the files are written by tensorboardX and are valid
 only if TensorBoard itself serves them as `tensorboard --logdir W` would.
@@ -20,7 +20,7 @@ from tensorboard.plugins import base_plugin  # noqa: E402
 from tensorboard.plugins.projector.projector_plugin import ProjectorPlugin  # noqa: E402
 from werkzeug import test as werkzeug_test  # noqa: E402
 
-from wake2vec import tboard, workdir as records  # noqa: E402
+from wake2vec.training import tboard, workdir as records  # noqa: E402
 
 
 def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:

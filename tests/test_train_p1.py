@@ -27,14 +27,14 @@ def launch(workdir: pathlib.Path, *flags: str, **kwargs) -> subprocess.Completed
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
     """The events as logged, without each line's checksum."""
-    from wake2vec.workdir import CRC_KEY
+    from wake2vec.training.workdir import CRC_KEY
 
     events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [{k: v for k, v in e.items() if k != CRC_KEY} for e in events]
 
 
 def final_table(workdir: pathlib.Path) -> np.ndarray:
-    from wake2vec import runs
+    from wake2vec.phases import runs
 
     table, _ = runs.load_table(workdir)
     return table
@@ -163,7 +163,7 @@ def test_sigkill_after_a_commit_then_resume_is_bit_identical(tmp_path):
 
     killed = tmp_path / "killed"
     kill_after_commit("train_p1", killed, [*FAST, *schedule], 8)
-    from wake2vec import checkpoint
+    from wake2vec.training import checkpoint
 
     _, interrupted_at = checkpoint.load_trainable(killed)
     assert interrupted_at < 24, "the run finished before the kill; the test proved nothing"
@@ -224,7 +224,7 @@ def test_a_non_finite_update_is_never_committed(tmp_path):
     assert f"last good checkpoint is step {failed - 1}" in out.stderr
     committed = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert committed == list(range(1, failed))
-    from wake2vec import checkpoint
+    from wake2vec.training import checkpoint
 
     trainable, step = checkpoint.load_trainable(tmp_path)
     assert step == failed - 1 and np.isfinite(trainable["embedding"]).all()
@@ -233,7 +233,7 @@ def test_a_non_finite_update_is_never_committed(tmp_path):
 
 
 def test_eta_is_the_median_step_plus_the_evals_and_saves_still_due():
-    from wake2vec import loop
+    from wake2vec.training import loop
     from wake2vec.config import TrainConfig
 
     progress = loop._Progress(TrainConfig(max_steps=10, eval_every=5, save_every=4), tokens_per_step=64, compile_s=9.0)

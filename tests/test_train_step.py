@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from wake2vec import model, optim, train
+from wake2vec.models import model
+from wake2vec.training import optim, train
 from wake2vec.config import ModelConfig, TrainConfig
 
 TINY = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

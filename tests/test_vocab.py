@@ -1,4 +1,4 @@
-"""Tests for wake2vec.vocab: lexicon, tokenizer augmentation, new-row initialisers.
+"""Tests for wake2vec.tokens.vocab: lexicon, tokenizer augmentation, new-row initialisers.
 
 Synthetic tests use a tiny BPE tokenizer trained locally with the `tokenizers` library in
 the layout Llama ships (normalizer Prepend "▁" + Replace " " -> "▁", no pre-tokenizer,
@@ -16,7 +16,8 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
 
-from wake2vec import data, vocab
+from wake2vec.training import data
+from wake2vec.tokens import vocab
 
 _TEXT = (
     "riverrun past eve and adams from swerve of shore to bend of bay brings us by a "

@@ -25,7 +25,7 @@ MODES = ("reference", "whole_word")
 def _tokenizers(data: pathlib.Path) -> dict:
     from transformers import AutoTokenizer
 
-    from wake2vec import vocab
+    from wake2vec.tokens import vocab
 
     return {
         "Llama 2 (SentencePiece BPE)": vocab.load_base_tokenizer(data / "tinyllama_tokenizer"),
@@ -34,7 +34,8 @@ def _tokenizers(data: pathlib.Path) -> dict:
 
 
 def measure(data: pathlib.Path) -> list[dict]:
-    from wake2vec import data as corpus, segmentation, vocab
+    from wake2vec.training import data as corpus
+    from wake2vec.tokens import segmentation, vocab
 
     words = vocab.load_lexicon(data / "wake_lexicon.txt")
     text = corpus.read_corpus(data / "finnegans_wake.txt")

@@ -1,4 +1,4 @@
-"""Typed, frozen configuration of the training phases (wake2vec.model_config describes the network).
+"""Typed, frozen configuration of the training phases (wake2vec.models.model_config describes the network).
 
 `TrainConfig` holds every setting of a Phase 1 run, `Phase2Config` and `Phase3Config` those
 of the later phases; `RunConfig` is what they share. Their fields map one to one onto the
@@ -7,7 +7,7 @@ the reference run's recipe, except `injection` (whole_word; the study's is
 --injection=reference, see docs/injection_modes.md).
 
 `ModelConfig`, `RopeScaling`, `UnsupportedConfigError` and `dtype_from_name` are re-exported
-from wake2vec.model_config, so `from wake2vec.config import ModelConfig` keeps working.
+from wake2vec.models.model_config, so `from wake2vec.config import ModelConfig` keeps working.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import dataclasses
 from typing import ClassVar
 
 from wake2vec.errors import UserError
-from wake2vec.model_config import (  # noqa: F401 (re-exported)
+from wake2vec.models.model_config import (  # noqa: F401 (re-exported)
     ARCHITECTURES, ModelConfig, RopeScaling, UnsupportedConfigError, dtype_from_name)
 
 
@@ -92,7 +92,7 @@ class RunConfig:
     coordinator_timeout_s: int = 300
     # With --distributed: seconds without a heartbeat after which a lost process is declared dead and the run stops.
     heartbeat_timeout_s: int = 60
-    # Storage of the frozen transformer weights: float32 | bfloat16 | float16, or weight-only int8 | nf4 (wake2vec.quant).
+    # Storage of the frozen transformer weights: float32 | bfloat16 | float16, or weight-only int8 | nf4 (wake2vec.models.quant).
     frozen_dtype: str = "float32"
     # Matmul compute dtype; norms, softmax and the loss always accumulate in float32.
     compute_dtype: str = "float32"
@@ -227,7 +227,7 @@ class Phase3Config(AdapterRecipe):
     """Every setting of a Phase 3 run; one field per flag of experiments/train_p3.py.
 
     Phase 3 trains a Phase 2 run's adapters together with the Wake rows of its table under
-    the language-model loss plus the study's four alignment terms (wake2vec.alignment), on
+    the language-model loss plus the study's four alignment terms (wake2vec.phases.alignment), on
     Phase 1's own blocks. The base rows stay exactly fixed. Defaults are the study's
     TinyLlama recipe except the Wake rows' rate, which is Phase 1's (the study's was 10x
     below it, one of its defects), and early stopping, which survives a resume.

@@ -9,8 +9,8 @@
   of one group minus the mean cosine of two words of different groups (per group and
   overall), and the silhouette score with cosine distance (sklearn), in [-1, 1].
 
-v(w) is the mean of the rows of w's running-text pieces, as in wake2vec.alignment; the
-groups come as the AlignmentData the losses take (wake2vec.groups.alignment_data), read
+v(w) is the mean of the rows of w's running-text pieces, as in wake2vec.phases.alignment; the
+groups come as the AlignmentData the losses take (wake2vec.phases.groups.alignment_data), read
 here as plain numpy arrays, so this module needs no JAX. Each measure is taken on the
 trained table and, given the snapshot before step 0, on it too: the change is the result.
 All numbers are float64; a cosine with an all-zero vector is 0 (metrics' convention).

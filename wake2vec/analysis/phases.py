@@ -9,7 +9,7 @@ from, and its padding rows still zero), and the report shows what Phase 2 does c
 * the size of each adapter's update ||(alpha / r) A B||_F per layer and projection (and
   ||A||, ||B||), as JSON and one figure;
 * the validation loss before and after, overall, by target type, and in windows with and
-  without Wake tokens (wake2vec.train.EVAL_CATEGORIES), read from metrics.jsonl.
+  without Wake tokens (wake2vec.training.train.EVAL_CATEGORIES), read from metrics.jsonl.
 
 Files: workdir/analysis/phase2.json, phase2.md, adapter_norms.png.
 
@@ -29,7 +29,9 @@ import pathlib
 import jax
 import numpy as np
 
-from wake2vec import hosts, lora, padding, train, workdir as records
+from wake2vec.training import hosts, train, workdir as records
+from wake2vec.models import lora
+from wake2vec.models import padding
 
 NORMS_FIGURE = "adapter_norms.png"
 VAL_FIELDS = tuple("val_loss" if c == "all" else f"val_loss_{c}" for c in train.EVAL_CATEGORIES)
@@ -42,7 +44,7 @@ class TableChangedError(RuntimeError):
 def verify_frozen_table(frozen: dict, record: dict) -> dict:
     """The table check: the frozen table and head now, unpadded, hash as recorded at the start,
     and their padding rows are zero. Collective (every process gathers the table)."""
-    from wake2vec import runs
+    from wake2vec.phases import runs
 
     total = int(record["vocab"]["total"])
     padded = {k: hosts.host_array(frozen[k]) if k == "embedding" else {"kernel": hosts.host_array(frozen[k]["kernel"])}

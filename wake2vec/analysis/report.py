@@ -419,7 +419,7 @@ def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: T
 
 def generation_usage_headline(workdir) -> str:
     """The new-token usage of W/generations.json, one line per sample."""
-    from wake2vec import generate  # the writer owns the file's name and format (and imports JAX)
+    from wake2vec.models import generate  # the writer owns the file's name and format (and imports JAX)
 
     path = pathlib.Path(workdir) / generate.GENERATIONS_JSON
     if not path.is_file():

@@ -22,7 +22,8 @@ import shutil
 
 import jax
 
-from wake2vec import convert, lexicon_builder, model
+from wake2vec.models import convert, model
+from wake2vec.tokens import lexicon_builder
 from wake2vec.config import ModelConfig, TrainConfig
 
 SAMPLE_TEXT = pathlib.Path(__file__).parent / "data" / "sample.txt"
@@ -78,7 +79,7 @@ def build_sources(workdir: pathlib.Path, seed: int) -> DemoSources:
     run would take for a finished source.
     """
     from wake2vec.demo.tokenizer import train_demo_tokenizer
-    from wake2vec.workdir import atomic_write_text
+    from wake2vec.training.workdir import atomic_write_text
 
     root = workdir / "demo_sources"
     model_dir = root / "base_model"
@@ -95,7 +96,7 @@ def build_sources(workdir: pathlib.Path, seed: int) -> DemoSources:
         convert.save_hf(cfg, params, staging, tokenizer=tokenizer)
         staging.rename(model_dir)
     if not lexicon_path.is_file():
-        from wake2vec.vocab import load_base_tokenizer
+        from wake2vec.tokens.vocab import load_base_tokenizer
 
         tokenizer = load_base_tokenizer(model_dir)
         entries = lexicon_builder.build_lexicon(text, lexicon_builder.piece_counter(tokenizer), min_count=2, min_pieces=3)
