@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.hf_oracle import hf_llama, save_checkpoint, torch, transformers
-from wake2vec.models import convert
+from wake2vec.models import convert, safetensors_codec
 from wake2vec.config import UnsupportedConfigError
 
 
@@ -155,7 +155,7 @@ def test_safetensors_codec_agrees_with_the_reference_reader(tmp_path):
     }
     convert.write_safetensors(tmp_path / "t.safetensors", tensors)
     reference = load_file(tmp_path / "t.safetensors")
-    ours = dict(convert._iter_safetensors(tmp_path / "t.safetensors"))
+    ours = dict(safetensors_codec.iter_tensors(tmp_path / "t.safetensors"))
     for name, arr in tensors.items():
         np.testing.assert_array_equal(ours[name], arr)
         np.testing.assert_array_equal(reference[name].float().numpy(), arr.astype(np.float32))

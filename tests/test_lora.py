@@ -23,7 +23,7 @@ import optax
 import pytest
 
 from tests.hf_oracle import hf_llama, hf_logits, save_checkpoint, torch, transformers
-from wake2vec.models import convert, lora, model
+from wake2vec.models import convert, lora, model, safetensors_codec
 from wake2vec.training import train
 from wake2vec.config import FlagError, ModelConfig
 from wake2vec.training.workdir import OutputDirError
@@ -251,8 +251,8 @@ def test_export_matches_peft_files_and_peft_loads_it(tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
     out = lora.export_peft(tmp_path / "ours", adapters, spec, cfg, str(base_dir))
 
-    ref_tensors = dict(convert._iter_safetensors(tmp_path / "peft" / lora.ADAPTER_WEIGHTS))
-    our_tensors = dict(convert._iter_safetensors(out / lora.ADAPTER_WEIGHTS))
+    ref_tensors = dict(safetensors_codec.iter_tensors(tmp_path / "peft" / lora.ADAPTER_WEIGHTS))
+    our_tensors = dict(safetensors_codec.iter_tensors(out / lora.ADAPTER_WEIGHTS))
     assert {k: (v.shape, v.dtype) for k, v in our_tensors.items()} == {k: (v.shape, v.dtype) for k, v in ref_tensors.items()}
     assert all(np.array_equal(our_tensors[k], ref_tensors[k]) for k in ref_tensors)
     ours_config = json.loads((out / lora.ADAPTER_CONFIG).read_text())

@@ -14,18 +14,15 @@ Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`; the Flax
 keeps them apart (one attention for every family), so a fused tensor fills several Flax
 slots, split by rows in order, and is concatenated back on save.
 
-safetensors files are read and written by the small codec below rather than through the
-`safetensors` package because it gives bf16/fp16 support through ml_dtypes without torch,
-and lets a single tensor be read into memory without mapping the whole file.
+safetensors files go through wake2vec.models.safetensors_codec (why not the `safetensors`
+package: there).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
-import struct
 from typing import Any, Iterator
 
 import jax
@@ -36,79 +33,14 @@ import numpy as np
 from wake2vec.models import gguf_model
 from wake2vec.models import padding
 from wake2vec.config import ModelConfig
-from wake2vec.errors import UserError
+from wake2vec.models.safetensors_codec import (  # noqa: F401 (re-exported: convert.write_safetensors)
+    CheckpointFormatError, iter_tensors, write_safetensors)
 
 Params = dict[str, Any]
 
 
-class CheckpointFormatError(UserError, ValueError):
-    """A checkpoint directory or weight file is missing, malformed or disagrees with its config."""
-
-
-_ST_DTYPES = {
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F64": np.dtype(np.float64),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
 # Buffers some older exports carry; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-# --------------------------------------------------------------------------- safetensors codec
-
-
-def _read_safetensors_header(path: pathlib.Path) -> tuple[dict, int]:
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    return header, 8 + header_len
-
-
-def _iter_safetensors(path: pathlib.Path, names: frozenset[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, array) one tensor at a time, each read into its own buffer; with
-    `names`, only those tensors are read (the others' bytes are never touched)."""
-    header, data_start = _read_safetensors_header(path)
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            if names is not None and name not in names:
-                continue
-            if info["dtype"] not in _ST_DTYPES:
-                raise CheckpointFormatError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            dtype = _ST_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            f.seek(data_start + begin)
-            buf = f.read(end - begin)
-            if len(buf) != end - begin:
-                raise CheckpointFormatError(f"{path}: tensor {name} is truncated (file too short)")
-            yield name, np.frombuffer(buf, dtype=dtype).reshape(info["shape"])
-
-
-def write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
-    """Writes tensors in the safetensors layout, streaming each to disk in turn."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, arr in tensors.items():
-        if arr.dtype not in _ST_NAMES:
-            raise ValueError(f"cannot store tensor {name} of dtype {arr.dtype} in safetensors")
-        nbytes = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- locating a checkpoint
@@ -205,7 +137,7 @@ def _iter_tensors(files: list[pathlib.Path], names: frozenset[str] | None = None
             yield from ((path, name, arr) for name, arr in gguf_model.iter_tensors(path, names))
             continue
         if path.suffix == ".safetensors":
-            for name, arr in _iter_safetensors(path, names):
+            for name, arr in iter_tensors(path, names):
                 yield path, name, arr
             continue
         import torch  # only .bin checkpoints need torch

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wake2vec.models import convert, model
+from wake2vec.models import convert, model, safetensors_codec
 from wake2vec.training import hosts
 from wake2vec.models.lora_spec import PROJECTIONS, STUDY_TARGETS, LoraSpec  # noqa: F401 (re-exported: lora.LoraSpec)
 from wake2vec.config import FlagError, ModelConfig
@@ -241,7 +241,7 @@ def load_peft(directory) -> tuple[Adapters, LoraSpec]:
     if not weights.is_file():
         raise PeftFormatError(f"{path}: {ADAPTER_WEIGHTS} is missing")
     found: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    for key, array in convert._iter_safetensors(weights):
+    for key, array in safetensors_codec.iter_tensors(weights):
         match = _PEFT_KEY.fullmatch(key)
         if match is None or match[3] not in PROJECTIONS or _BLOCK[match[3]] != match[2]:
             raise PeftFormatError(f"{weights}: tensor {key!r} is not a LoRA weight of a Llama-family projection")

@@ -31,11 +31,9 @@ that failed to restore are moved to `workdir/checkpoints_corrupt/` rather than d
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
 import os
 import pathlib
-import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -47,26 +45,13 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 from wake2vec.training import hosts
-from wake2vec.errors import UserError
+from wake2vec.training.checkpoint_checks import (  # noqa: F401 (re-exported: checkpoint.CheckpointError, ...)
+    METADATA_ALLOWANCE, CheckpointDiskFullError, CheckpointError, check_disk_space, checkpoint_nbytes, free_bytes, gb,
+    is_disk_full, tree_checksums, verify_checksums)
 from wake2vec.training.train import TrainState
 
 CHECKPOINTS = "checkpoints"
 TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
-
-# Room for Orbax's own files beside the arrays of one checkpoint (tree and array
-# metadata, shardings, OCDBT manifests, commit markers): 9 KB for a TinyLlama-sized table
-# with Adafactor (notes/checkpoint_build.md), about 20 KB when the optimiser tree carries a
-# whole model's masked leaves; 1 MiB leaves room for block rounding and larger trees.
-METADATA_ALLOWANCE = 1 << 20
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint could not be written or read; the message says which and what to do."""
-
-
-class CheckpointDiskFullError(CheckpointError):
-    """The disk holding the checkpoints is too full for the next one."""
-
 
 def checkpoint_dir(workdir) -> pathlib.Path:
     return pathlib.Path(workdir).absolute() / CHECKPOINTS
@@ -79,130 +64,6 @@ def committed_steps(workdir) -> list[int]:
 
 
 # --------------------------------------------------------------------------- sizes and disk
-
-
-def checkpoint_nbytes(abstract_state) -> int:
-    """Expected bytes of one checkpoint: every array of the state plus METADATA_ALLOWANCE.
-
-    Accepts a TrainState of arrays or of jax.ShapeDtypeStruct. Orbax compresses chunks,
-    so real checkpoints of trained (incompressible) floats come in slightly under this.
-    """
-    leaves = jax.tree_util.tree_leaves(abstract_state)
-    return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves) + METADATA_ALLOWANCE
-
-
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
-
-
-def _free_bytes(directory: pathlib.Path) -> int:
-    """Free bytes on the file system that holds (or will hold) `directory`."""
-    existing = pathlib.Path(directory).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    return shutil.disk_usage(existing).free
-
-
-def check_disk_space(directory, one_checkpoint_bytes: int, keep: int) -> str:
-    """A line to log before training; raises CheckpointDiskFullError below two checkpoints.
-
-    Two is the least a run can work with: a new checkpoint is written in full before the
-    one it replaces is deleted. The peak on disk is keep + 2 (the latest `keep`, the best
-    kept beside them, and one being written).
-    """
-    directory = pathlib.Path(directory)
-    free = _free_bytes(directory)
-    if free < 2 * one_checkpoint_bytes:
-        raise CheckpointDiskFullError(
-            f"{directory}: {_gb(free)} ({free} bytes) free, but a run needs room for two checkpoints of "
-            f"{_gb(one_checkpoint_bytes)} each ({2 * one_checkpoint_bytes} bytes). Free space there, or "
-            "choose a --workdir on a larger disk"
-        )
-    line = (
-        f"one checkpoint {_gb(one_checkpoint_bytes)}, keep={keep} -> {_gb(keep * one_checkpoint_bytes)} "
-        f"(peak {_gb((keep + 2) * one_checkpoint_bytes)} with the best and one save in flight), "
-        f"free {_gb(free)} in {directory}"
-    )
-    if free < (keep + 2) * one_checkpoint_bytes:
-        logging.warning("%s: not enough for the peak; a later save may stop the run with a full disk", line)
-    return line
-
-
-def _is_disk_full(error: BaseException | None) -> bool:
-    """True if the error, or any error it was raised from, is ENOSPC / EDQUOT."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(error)
-        # tensorstore raises ValueError("... No space left on device [os_error_code='28']").
-        if "No space left on device" in text or "os_error_code='28'" in text or "Disk quota exceeded" in text:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-# --------------------------------------------------------------------------- checksums
-
-
-def _as_uint32(x: jax.Array) -> jax.Array:
-    """The array's raw bits as uint32 (8- and 16-bit values zero-extended)."""
-    itemsize = np.dtype(x.dtype).itemsize
-    if itemsize == 4:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    if itemsize in (1, 2):
-        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * itemsize}")).astype(jnp.uint32)
-    raise TypeError(f"checksums cover 8-, 16- and 32-bit arrays; got {x.dtype}")
-
-
-def _row_major_index(shape: tuple[int, ...]) -> jax.Array:
-    """Each element's row-major position, mod 2**32, built from iotas (no reshape, so a
-    sharded array is never gathered)."""
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= shape[axis]
-    return index
-
-
-@jax.jit
-def _checksums(leaves: list) -> jax.Array:
-    """Per array: sum over elements of bits * (2 * position + 1), mod 2**32.
-
-    Odd weights make every single flipped bit change the sum, and position-dependent ones
-    make moved or swapped blocks change it. Integer sums are exact in any order, so the
-    value does not depend on sharding or device. This guards against storage faults, not
-    against deliberate tampering.
-    """
-    return jnp.stack(
-        [jnp.sum(_as_uint32(x) * (2 * _row_major_index(x.shape) + 1), dtype=jnp.uint32) for x in leaves]
-    )
-
-
-def tree_checksums(tree) -> dict[str, int]:
-    """{path: checksum} for every array of a pytree (paths as jax.tree_util.keystr)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    if not flat:
-        return {}
-    values = hosts.host_array(_checksums([jnp.asarray(leaf) for _, leaf in flat]))
-    return {jax.tree_util.keystr(path): int(value) for (path, _), value in zip(flat, values)}
-
-
-def _verify_checksums(step: int, item: str, tree, recorded: dict[str, int]) -> None:
-    actual = tree_checksums(tree)
-    if set(actual) != set(recorded):
-        raise CheckpointError(
-            f"step {step}: {item} holds arrays {sorted(actual)} but its save recorded {sorted(recorded)}"
-        )
-    bad = [path for path in recorded if recorded[path] != actual[path]]
-    if bad:
-        more = f" and {len(bad) - 1} more array(s)" if len(bad) > 1 else ""
-        raise CheckpointError(
-            f"step {step}: {item}{bad[0]}{more} does not match the checksum recorded when it was saved: "
-            "its files are corrupted"
-        )
 
 
 # --------------------------------------------------------------------------- orbax plumbing
@@ -349,7 +210,7 @@ class Checkpointer:
                 f"cannot save step {step}: {self.directory} already holds the later step {committed[-1]}"
             )
         needed = checkpoint_nbytes(state)
-        free = _free_bytes(self.directory)
+        free = free_bytes(self.directory)
         if free < needed:
             raise CheckpointDiskFullError(self._disk_full_message(step, needed, free))
         meta = {
@@ -386,9 +247,9 @@ class Checkpointer:
     def _save_error(self, error: Exception) -> CheckpointError:
         step = self._pending_step
         self._val_losses.pop(step, None)
-        if _is_disk_full(error):
+        if is_disk_full(error):
             return CheckpointDiskFullError(
-                self._disk_full_message(step, self._pending_nbytes, _free_bytes(self.directory))
+                self._disk_full_message(step, self._pending_nbytes, free_bytes(self.directory))
             )
         return CheckpointError(
             f"saving step {step} to {self.directory} failed ({_short(error)}); the committed checkpoints "
@@ -397,8 +258,8 @@ class Checkpointer:
 
     def _disk_full_message(self, step: int | None, needed: int, free: int) -> str:
         return (
-            f"disk full: saving step {step} to {self.directory} needs about {needed} bytes ({_gb(needed)}), "
-            f"{free} bytes ({_gb(free)}) are free. The committed checkpoints {self.all_steps()} are intact. "
+            f"disk full: saving step {step} to {self.directory} needs about {needed} bytes ({gb(needed)}), "
+            f"{free} bytes ({gb(free)}) are free. The committed checkpoints {self.all_steps()} are intact. "
             "Free space there (or move the workdir to a larger disk) and rerun the same command to resume"
         )
 
@@ -446,8 +307,8 @@ class Checkpointer:
         meta = restored[META]
         if meta.get("step") != step:
             raise CheckpointError(f"step {step}: its record says step {meta.get('step')}")
-        _verify_checksums(step, TRAINABLE, restored[TRAINABLE], meta["checksums"][TRAINABLE])
-        _verify_checksums(step, OPT_STATE, restored[OPT_STATE], meta["checksums"][OPT_STATE])
+        verify_checksums(step, TRAINABLE, restored[TRAINABLE], meta["checksums"][TRAINABLE])
+        verify_checksums(step, OPT_STATE, restored[OPT_STATE], meta["checksums"][OPT_STATE])
         step_array = np.asarray(step, abstract.step.dtype)
         sharding = getattr(abstract.step, "sharding", None)
         step_array = jax.device_put(step_array, sharding) if sharding is not None else jnp.asarray(step_array)
@@ -508,7 +369,7 @@ def _restore_trainable_numpy(manager: ocp.CheckpointManager, step: int) -> dict:
         TRAINABLE: ocp.args.PyTreeRestore(restore_args=restore_args),
         META: ocp.args.JsonRestore(),
     }))
-    _verify_checksums(step, TRAINABLE, restored[TRAINABLE], restored[META]["checksums"][TRAINABLE])
+    verify_checksums(step, TRAINABLE, restored[TRAINABLE], restored[META]["checksums"][TRAINABLE])
     return restored[TRAINABLE]
 
 
