@@ -9,6 +9,9 @@ real bug (a wrong head mapping, a missing norm, a transposed kernel) shows up at
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,10 +108,13 @@ def test_kv_cache_decoding_matches_full_pass(tmp_path):
     ids = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 40)))
     full = np.asarray(model.forward(cfg, params, ids))
     cache = model.init_cache(cfg, batch=2, max_len=64)
-    prefill, cache = model.forward_with_cache(cfg, params, ids[:, :30], cache, 0)
+    # Jitted as the decoder runs it (one compile per input length, the position traced): op by op,
+    # ten decode steps cost twenty seconds.
+    step = jax.jit(functools.partial(model.forward_with_cache, cfg))
+    prefill, cache = step(params, ids[:, :30], cache, jnp.int32(0))
     steps = [prefill]
     for t in range(30, 40):
-        logits, cache = model.forward_with_cache(cfg, params, ids[:, t : t + 1], cache, t)
+        logits, cache = step(params, ids[:, t : t + 1], cache, jnp.int32(t))
         steps.append(logits)
     # The same float32 arithmetic over a longer (masked) key axis: equal up to summation order.
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
