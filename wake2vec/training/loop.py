@@ -31,7 +31,7 @@ import numpy as np
 from wake2vec.training import checkpoint, data, hosts, optim, parallel, precision, tboard, train, workdir as records
 from wake2vec.models import convert
 from wake2vec.models import padding
-from wake2vec.phases import prepare
+from wake2vec.phases import base_cost, prepare
 from typing import Callable
 
 from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, RunConfig, TrainConfig, dtype_from_name
@@ -78,20 +78,21 @@ class Job:
     lr_by_key: dict[str, float] | None = None
     regularizer: Callable | None = None
     finish: Callable[[train.TrainState, dict], None] | None = None
+    char_cost: base_cost.Setup | None = None  # Phase 1: bits per character against the base model
     curve_title: str = "Phase 1: embedding-only training"
 
 
-def _eval_batches(val_blocks: np.ndarray, val_resegmented: np.ndarray, batch: int, max_blocks: int):
-    """Fixed-shape eval batches (ids, block weights, re-segmented mask): a short last batch
-    is padded with zero-weight blocks."""
-    masks = data.eval_batches(val_resegmented, batch, max_blocks)
-    for ids, mask in zip(data.eval_batches(val_blocks, batch, max_blocks), masks):
+def _eval_batches(val_blocks: np.ndarray, val_resegmented: np.ndarray, extra: np.ndarray, batch: int, max_blocks: int):
+    """Fixed-shape eval batches (ids, block weights, re-segmented mask, extra weight columns):
+    a short last batch is padded with zero-weight blocks."""
+    masks, extras = data.eval_batches(val_resegmented, batch, max_blocks), data.eval_batches(extra, batch, max_blocks)
+    for ids, mask, more in zip(data.eval_batches(val_blocks, batch, max_blocks), masks, extras):
         weights = np.ones(batch, np.float32)
         if len(ids) < batch:
             weights[len(ids):] = 0.0
             pad = ((0, batch - len(ids)), (0, 0))
-            ids, mask = np.pad(ids, pad), np.pad(mask, pad)
-        yield ids, weights, mask.astype(bool)
+            ids, mask, more = np.pad(ids, pad), np.pad(mask, pad), np.pad(more, pad + ((0, 0),))
+        yield ids, weights, mask.astype(bool), more.astype(np.float32)
 
 
 class _Progress:
@@ -226,7 +227,8 @@ def _phase1_job(cfg: TrainConfig) -> Job | None:
         return None
     settings = train.StepSettings(prepared.model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk)
     job = Job(cfg, prepared.model_cfg, prepared.trainable, prepared.frozen, prepared.vocab_stats.base_size,
-              prepared.train_blocks, prepared.val_blocks, prepared.val_resegmented, prepared.record, settings)
+              prepared.train_blocks, prepared.val_blocks, prepared.val_resegmented, prepared.record, settings,
+              char_cost=base_cost.setup(prepared, cfg))
     prepared.trainable = prepared.frozen = None  # the job owns the host arrays now
 
     def finish(state: train.TrainState, frozen: dict) -> None:
@@ -297,6 +299,11 @@ def train_job(job: Job) -> RunResult:
     trainable_host = padding.pad(job.trainable, rows)
     trainable = convert.to_device(trainable_host, parallel.vocab_sharded_like(trainable_host, mesh, rows))
     job.frozen = job.trainable = None
+    char_cost = job.char_cost
+    # (val blocks, T-1, K) weight columns the eval adds to its categories: the Wake-word costs, or none.
+    extra = char_cost.spans.run_word_weights if char_cost else np.zeros((*job.val_blocks[:, 1:].shape, 0), np.float32)
+    base_figures = char_cost and base_cost.base_figures(workdir, frozen, char_cost.base, char_cost.spans, job.settings,
+                                                        cfg.batch_size, char_cost.body)
 
     abstract = jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen)
     state_sharding = parallel.state_sharding(abstract, mesh, rows)
@@ -352,19 +359,24 @@ def train_job(job: Job) -> RunResult:
             jax.ShapeDtypeStruct((cfg.batch_size,), np.float32, sharding=eval_weights_sharding),
             jax.ShapeDtypeStruct(eval_shape, np.bool_, sharding=eval_ids_sharding),
             train_counts_on_device,
+            jax.ShapeDtypeStruct((*eval_shape[:1], eval_shape[1] - 1, extra.shape[-1]), np.float32, sharding=eval_ids_sharding),
         ).compile()
     compile_s = time.perf_counter() - compile_started
     logging.info("compiled the train step in %.1f s and the eval step in %.1f s", step_compile_s, compile_s - step_compile_s)
 
     def evaluate(trainable_now) -> dict:
         """The eval event's fields: the validation loss overall and by target type, with counts."""
-        sums, counts = np.zeros(len(train.EVAL_CATEGORIES)), np.zeros(len(train.EVAL_CATEGORIES))
-        for ids, weights, mask in _eval_batches(job.val_blocks, val_resegmented, cfg.batch_size, cfg.eval_blocks):
+        columns = len(train.EVAL_CATEGORIES)
+        sums = counts = np.zeros(columns + extra.shape[-1])
+        for ids, weights, mask, more in _eval_batches(job.val_blocks, val_resegmented, extra, cfg.batch_size, cfg.eval_blocks):
             loss_sums, n = eval_fn(trainable_now, frozen, jax.device_put(ids, eval_ids_sharding),
                                    jax.device_put(weights, eval_weights_sharding), jax.device_put(mask, eval_ids_sharding),
-                                   train_counts_on_device)
+                                   train_counts_on_device, jax.device_put(more, eval_ids_sharding))
             sums, counts = sums + np.asarray(loss_sums, np.float64), counts + np.asarray(n, np.float64)
-        return records.val_loss_fields(train.EVAL_CATEGORIES, sums, counts)
+        fields = records.val_loss_fields(train.EVAL_CATEGORIES, sums[:columns], counts[:columns])
+        if char_cost:
+            fields.update(base_cost.eval_fields(sums[0], sums[columns:], char_cost.spans, base_figures))
+        return fields
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * job.train_blocks.shape[1]
     progress = _Progress(cfg, tokens_per_step, compile_s)
