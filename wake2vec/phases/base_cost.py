@@ -213,3 +213,12 @@ def setup(prepared, cfg) -> Setup:
                     base_size, counts, cfg, prepared.model_cfg.max_position_embeddings)
     return Setup(spans, base_params(prepared.trainable, base_size),
                  {"source_hash": prepared.record["source_hash"], "frozen_dtype": cfg.frozen_dtype})
+
+
+def last_eval(events: list[dict]) -> dict | None:
+    """The per-character and per-word fields of the last evaluation that has them (for summary.json)."""
+    for event in reversed(events):
+        if "val_nats_per_char" in event:
+            return {k: v for k, v in event.items()
+                    if k == "step" or k.endswith(("_per_char", "_per_byte")) or "word_" in k}
+    return None
