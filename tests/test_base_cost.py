@@ -102,3 +102,14 @@ def test_every_eval_reports_the_base_comparison_and_the_cache_is_reused_then_reb
     fewer = launch(tmp_path, *flags, "--eval_blocks=2", "--allow_config_change")  # other blocks: rescored
     assert fewer.returncode == 0 and "scored the base model" in fewer.stderr, fewer.stderr[-3000:]
     assert json.loads((tmp_path / base_cost.CACHE).read_text())["key"] != cache["key"]
+
+
+def test_loss_table_cells_show_the_run_the_base_and_the_difference(tmp_path):
+    from wake2vec.training import workdir
+
+    event = {"step": 3, "val_loss": 2.0, "val_nats_per_char": 1.25, "base_nats_per_char": 1.5, "val_bits_per_byte": 1.75,
+             "base_bits_per_byte": 1.5, "val_word_nats_seen": 10.0, "base_word_nats_seen": 12.5, "word_occurrences_seen": 1234,
+             "val_word_nats_unseen": None, "base_word_nats_unseen": None, "word_occurrences_unseen": 0}
+    workdir.write_loss_table(tmp_path, [event])
+    row = (tmp_path / workdir.LOSS_TABLE).read_text().splitlines()[2]
+    assert row.endswith("| 1.2500 (1.5000; Δ -0.2500) | 1.7500 (1.5000; Δ +0.2500) | 10.0000 (12.5000; 1,234) | – |")
