@@ -18,9 +18,8 @@ from wake2vec.training import train
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo prepared untied, so the base model is the shipped checkpoint itself (its own head)."""
-    cfg = TrainConfig(model="demo", workdir=str(tmp_path_factory.mktemp("bpc")), seq_len=32, eval_blocks=4,
-                      max_steps=1, tie_embeddings=False)
+    """The demo as it runs: its table tied, while its checkpoint ships an untied head, which the base model keeps."""
+    cfg = TrainConfig(model="demo", workdir=str(tmp_path_factory.mktemp("bpc")), seq_len=32, eval_blocks=4, max_steps=1)
     prepared = prepare.prepare(cfg)
     return cfg, prepared, base_cost.setup(prepared, cfg)
 
@@ -34,6 +33,7 @@ def test_base_nats_match_transformers_llama_on_the_same_characters(demo_run):
 
     model_dir = prepared.record["model_source"]
     reference = transformers.LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    assert not reference.config.tie_word_embeddings  # so the base model must be scored with the shipped head
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     # Each validation block's characters, from the injected tokenizer's offsets of the whole text
     # (the split is in text order: validation block b is corpus block len(train_blocks) + b).

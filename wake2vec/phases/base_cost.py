@@ -4,7 +4,8 @@ A loss per token cannot compare two tokenizers: the injected one spells a Wake w
 token, the base one in several. Per character it can. For every validation block this
 module finds the block's characters (by the injected tokenizer's offsets), encodes exactly
 those characters with the base tokenizer, and scores them once with the base model: the
-run's frozen body with the base rows of its step-0 table (and head), no new row.
+checkpoint as shipped: the run's frozen body, the base rows of its step-0 table and the
+checkpoint's own head where it has one (also when the run ties its head), no new row.
 
 Block boundaries: the first token of a block has no context under either model, so each
 model's figure is the nats of every token after its own first one, over the characters
@@ -127,11 +128,12 @@ def measure(text: str, ids: np.ndarray, tokenizer, base_tokenizer, lexicon, base
     return Spans(run_chars, run_bytes, run_weights, tuple(counts), base_ids, base_weights, base_chars, base_bytes)
 
 
-def base_params(trainable: dict, base_size: int) -> dict:
-    """The base model's rows of the step-0 trainable arrays: the table's (and an untied head's) first base_size."""
+def base_params(trainable: dict, base_size: int, source_head: dict | None) -> dict:
+    """The model as shipped: the step-0 table's first base_size rows (the source's own), and the
+    checkpoint's own head when it has one, even where the run ties its head to the table."""
     params = {"embedding": np.asarray(trainable["embedding"])[:base_size]}
-    if "lm_head" in trainable:
-        params["lm_head"] = {"kernel": np.asarray(trainable["lm_head"]["kernel"])[:, :base_size]}
+    if source_head is not None:
+        params["lm_head"] = {"kernel": np.asarray(source_head["kernel"])}
     return params
 
 
@@ -146,7 +148,8 @@ def _cache_key(spans: Spans, base: dict, frozen_record: dict, settings: train.St
 
 def score_base(frozen: dict, base: dict, spans: Spans, settings: train.StepSettings, batch: int) -> np.ndarray:
     """(3,) float64: the base model's nats of every token after each block's first, then its word sums (seen, unseen)."""
-    base_settings = dataclasses.replace(settings, model_cfg=settings.model_cfg.replace(vocab_size=base["embedding"].shape[0]))
+    model_cfg = settings.model_cfg.replace(vocab_size=base["embedding"].shape[0], tie_word_embeddings="lm_head" not in base)
+    base_settings = dataclasses.replace(settings, model_cfg=model_cfg)
     step = jax.jit(lambda t, f, ids, w: train.weighted_loss_sum(t, f, ids, w, base_settings))
     base = jax.tree_util.tree_map(jax.numpy.asarray, base)
     total = np.zeros(3)
@@ -198,10 +201,11 @@ def eval_fields(run_nats: float, run_word_nats, spans: Spans, base: dict) -> dic
 
 @dataclasses.dataclass
 class Setup:
-    """What the loop needs to report the per-character figures: the spans, the base rows and the body's identity."""
+    """What the loop needs to report the per-character figures: the spans, the base rows
+    (dropped once scored) and the body's identity."""
 
     spans: Spans
-    base: dict
+    base: dict | None
     body: dict
 
 
@@ -211,7 +215,7 @@ def setup(prepared, cfg) -> Setup:
     counts = train.training_counts(prepared.train_blocks, prepared.model_cfg.vocab_size)
     spans = measure(prepared.corpus_text, prepared.corpus_ids, prepared.tokenizer, prepared.base_tokenizer, prepared.lexicon,
                     base_size, counts, cfg, prepared.model_cfg.max_position_embeddings)
-    return Setup(spans, base_params(prepared.trainable, base_size),
+    return Setup(spans, base_params(prepared.trainable, base_size, prepared.source_head),
                  {"source_hash": prepared.record["source_hash"], "frozen_dtype": cfg.frozen_dtype})
 
 

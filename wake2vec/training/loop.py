@@ -304,6 +304,8 @@ def train_job(job: Job) -> RunResult:
     extra = char_cost.spans.run_word_weights if char_cost else np.zeros((*job.val_blocks[:, 1:].shape, 0), np.float32)
     base_figures = char_cost and base_cost.base_figures(workdir, frozen, char_cost.base, char_cost.spans, job.settings,
                                                         cfg.batch_size, char_cost.body)
+    if char_cost:
+        char_cost.base = None  # scored: the host copy of the base rows is not needed again
 
     abstract = jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen)
     state_sharding = parallel.state_sharding(abstract, mesh, rows)
