@@ -87,9 +87,10 @@ def test_val_fields_loss_table_and_curve_show_each_type_with_its_count(tmp_path)
     table = (tmp_path / workdir.LOSS_TABLE).read_text().splitlines()
     assert table[0] == ("| Step | Training Loss | Validation Loss | Val: new tokens (n) | Val: base tokens (n) "
                         "| Val: re-segmented (n) | Val: windows with Wake tokens (n) | Val: windows without (n) "
-                        "| Val: new, seen in training (n) | Val: new, never in training (n) |")
-    assert table[2] == "| 0 |  | 3.0000 | 5.0000 (2) | 2.5000 (8) | – (0) | 4.0000 (6) | 1.5000 (4) | 3.0000 (1) | 7.0000 (1) |"
+                        "| Val: new, seen in training (n) | Val: new, never in training (n) | Val nats/char (base; Δ) "
+                        "| Val bits/byte (base; Δ) | Wake word nats, seen (base; n) | Wake word nats, unseen (base; n) |")
+    assert table[2] == "| 0 |  | 3.0000 | 5.0000 (2) | 2.5000 (8) | – (0) | 4.0000 (6) | 1.5000 (4) | 3.0000 (1) | 7.0000 (1) |  |  |  |  |"
     assert table[3] == ("| 10 | 2.0000 | 3.0000 | 5.0000 (2) | 2.5000 (8) | 4.0000 (1,234) | 4.0000 (6) | 1.5000 (4) "
-                        "| 3.0000 (1) | 7.0000 (1) |")
+                        "| 3.0000 (1) | 7.0000 (1) |  |  |  |  |")  # no base comparison in these events
     workdir.write_loss_curve(tmp_path, events)
     assert (tmp_path / workdir.LOSS_CURVE).stat().st_size > 0

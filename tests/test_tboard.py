@@ -51,6 +51,7 @@ def fake_run(workdir, steps, start=0):
 def test_scalars_mirror_metrics_and_a_resume_rebuilds_them_without_duplicates(tmp_path):
     first = [{"step": 0, "val_loss": 7.5, "eval_s": 1.0}, *fake_run(tmp_path, 5)]
     first[1]["compile_s"] = 3.0
+    first[0].update({f"{who}_{unit}": 1.5 for who in ("val", "base", "delta") for unit in ("nats_per_char", "bits_per_byte")})
     writer = tboard.ScalarWriter(tmp_path, [])
     for event in first:
         records.append_metrics(tmp_path, event)

@@ -233,10 +233,10 @@ def test_a_non_finite_update_is_never_committed(tmp_path):
 
 
 def test_eta_is_the_median_step_plus_the_evals_and_saves_still_due():
-    from wake2vec.training import loop
+    from wake2vec.training import progress as progress_log
     from wake2vec.config import TrainConfig
 
-    progress = loop._Progress(TrainConfig(max_steps=10, eval_every=5, save_every=4), tokens_per_step=64, compile_s=9.0)
+    progress = progress_log.Progress(TrainConfig(max_steps=10, eval_every=5, save_every=4), tokens_per_step=64, compile_s=9.0)
     for seconds in (1.0, 30.0, 2.0):  # one step slowed by a busy host does not set the rate
         progress.note_step(4.0, seconds)
     progress.note_eval(3, 5.0, seconds=4.0)

@@ -394,18 +394,22 @@ def write_summary(summary: dict, path) -> None:
 
 
 def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: Tokens = None, seed: int = 0,
-                 source: Mapping | None = None, pairs_file=None, groups=None, group_names=None) -> dict:
+                 source: Mapping | None = None, pairs_file=None, groups=None, group_names=None,
+                 vs_base: Mapping | None = None) -> dict:
     """analyze(), then writes out_dir/summary.json, out_dir/embedding_analysis.png, with
     token names out_dir/source_ranks.png, and with groups out_dir/morphology.png.
 
     `source` (for example {"workdir": ..., "step": ...}) is recorded as meta.source, so a
-    summary says which table it describes. Returns the summary.
+    summary says which table it describes. `vs_base` (the table's last evaluation against the
+    base model, wake2vec.phases.base_cost) is recorded as the vs_base section. Returns the summary.
     """
     summary, figure_data, source_rank_figure, morphology_figure = _summarize(
         E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed, pairs_file=pairs_file, groups=groups,
         group_names=group_names)
     if source is not None:
         summary["meta"]["source"] = _jsonable(dict(source))
+    if vs_base is not None:
+        summary["vs_base"] = _jsonable(dict(vs_base))
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_summary(summary, out_dir / SUMMARY_FILENAME)

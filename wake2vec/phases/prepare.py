@@ -49,6 +49,12 @@ class PreparedRun:
     record: dict  # what config.json holds
     # (val blocks, seq_len) bool: base-token positions inside words the injection re-segmented.
     val_resegmented: np.ndarray | None = None
+    # What wake2vec.phases.base_cost reads to score the base model on the validation characters.
+    base_tokenizer: object = None
+    corpus_text: str | None = None
+    corpus_ids: np.ndarray | None = None
+    lexicon: list[str] | None = None
+    source_head: dict | None = None  # the checkpoint's own untied head, {"kernel": (D, base)}, tied or not
 
 
 # (flag, holds, what the flag must be): every numeric range, checked by name.
@@ -412,4 +418,5 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     }
     records.write_config(workdir, record)
     return PreparedRun(model_cfg, trainable, frozen, tokenizer, vocab_stats, corpus_stats, train_blocks, val_blocks, record,
-                       val_resegmented=val_resegmented)
+                       val_resegmented=val_resegmented, base_tokenizer=base_tokenizer, corpus_text=text, corpus_ids=ids,
+                       lexicon=words, source_head=source_head)

@@ -62,7 +62,7 @@ class SegmentationReport:
 _TOP = 10
 
 
-def _overlapping(offsets: np.ndarray, spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def overlapping(offsets: np.ndarray, spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[first, last) token indices overlapping each (start, end) span.
 
     Token offsets are non-decreasing in both ends for these pipelines, so the overlapping
@@ -88,8 +88,8 @@ def measure(base_tokenizer, tokenizer, text: str, lexicon: Iterable[str], base_s
     for name, o in (("base", base_off), ("injected", off)):
         if np.any(np.diff(o, axis=0) < 0):
             raise AssertionError(f"{name} token offsets are not monotone; the word alignment assumes they are")
-    b_first, b_last = _overlapping(base_off, spans)
-    first, last = _overlapping(off, spans)
+    b_first, b_last = overlapping(base_off, spans)
+    first, last = overlapping(off, spans)
 
     mask = np.zeros(len(ids), dtype=bool)
     counts = dict.fromkeys(("lex", "lex_multi", "covered", "covered_multi", "other", "changed"), 0)

@@ -29,9 +29,10 @@ import jax
 import numpy as np
 
 from wake2vec.training import checkpoint, data, hosts, optim, parallel, precision, tboard, train, workdir as records
+from wake2vec.training import progress as progress_log
 from wake2vec.models import convert
 from wake2vec.models import padding
-from wake2vec.phases import prepare
+from wake2vec.phases import base_cost, prepare
 from typing import Callable
 
 from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, RunConfig, TrainConfig, dtype_from_name
@@ -78,87 +79,21 @@ class Job:
     lr_by_key: dict[str, float] | None = None
     regularizer: Callable | None = None
     finish: Callable[[train.TrainState, dict], None] | None = None
+    char_cost: base_cost.Setup | None = None  # Phase 1: bits per character against the base model
     curve_title: str = "Phase 1: embedding-only training"
 
 
-def _eval_batches(val_blocks: np.ndarray, val_resegmented: np.ndarray, batch: int, max_blocks: int):
-    """Fixed-shape eval batches (ids, block weights, re-segmented mask): a short last batch
-    is padded with zero-weight blocks."""
-    masks = data.eval_batches(val_resegmented, batch, max_blocks)
-    for ids, mask in zip(data.eval_batches(val_blocks, batch, max_blocks), masks):
+def _eval_batches(val_blocks: np.ndarray, val_resegmented: np.ndarray, extra: np.ndarray, batch: int, max_blocks: int):
+    """Fixed-shape eval batches (ids, block weights, re-segmented mask, extra weight columns):
+    a short last batch is padded with zero-weight blocks."""
+    masks, extras = data.eval_batches(val_resegmented, batch, max_blocks), data.eval_batches(extra, batch, max_blocks)
+    for ids, mask, more in zip(data.eval_batches(val_blocks, batch, max_blocks), masks, extras):
         weights = np.ones(batch, np.float32)
         if len(ids) < batch:
             weights[len(ids):] = 0.0
             pad = ((0, batch - len(ids)), (0, 0))
-            ids, mask = np.pad(ids, pad), np.pad(mask, pad)
-        yield ids, weights, mask.astype(bool)
-
-
-class _Progress:
-    """Tracks the log window and prints step, losses, the step's own throughput and the ETA.
-
-    Every duration is measured around a call that blocks on its result, and each kind is
-    kept apart: the step time covers building the batch through the step's outputs being
-    ready, so compilation (timed once, ahead of time), evaluation and checkpoint saves never
-    leak into tokens/s, as they did when the rate was the log window's wall time.
-    """
-
-    def __init__(self, cfg: RunConfig, tokens_per_step: int, compile_s: float):
-        self.cfg, self.tokens_per_step = cfg, tokens_per_step
-        self.window_losses: list[float] = []
-        self.window_terms: list[dict[str, float]] = []  # a regularised phase's terms, each alone
-        self.window_step_s: list[float] = []
-        self.run_step_s: list[float] = []
-        self.compile_s: float | None = compile_s  # reported once, with this run's first log event
-        self.eval_s = self.save_s = 0.0  # the latest of each, for the ETA
-        self.last_train: float | None = None
-        self.prev_eval: tuple[float, float | None] | None = None
-
-    def note_step(self, loss: float, seconds: float, terms: dict[str, float] | None = None) -> None:
-        self.window_losses.append(loss)
-        self.window_terms.append(terms or {})
-        self.window_step_s.append(seconds)
-        self.run_step_s.append(seconds)
-
-    def flush(self, step: int, lr: float) -> dict:
-        mean = float(np.mean(self.window_losses))
-        step_s = float(np.mean(self.window_step_s))
-        tokens_per_s = self.tokens_per_step / max(step_s, 1e-9)
-        logging.info("step %d/%d  train_loss %.4f  lr %.3g  %.2f s/step  %.0f tokens/s  ETA %s",
-                     step, self.cfg.max_steps, mean, lr, step_s, tokens_per_s, _duration(self.eta(step)))
-        event = {"step": step, "train_loss": mean, "lr": lr, "tokens_per_s": tokens_per_s, "step_s": step_s}
-        for name in self.window_terms[-1] if self.window_terms else ():
-            event[f"train_{name}"] = float(np.mean([terms[name] for terms in self.window_terms]))
-        if self.compile_s is not None:
-            event["compile_s"], self.compile_s = self.compile_s, None
-        self.window_losses, self.window_step_s, self.window_terms, self.last_train = [], [], [], mean
-        return event
-
-    def eta(self, step: int) -> float:
-        """Remaining steps at this run's median step time, plus the evals and saves still due
-        at their latest measured cost (the median: a step slowed by a busy host is not the rate)."""
-        remaining = range(step + 1, self.cfg.max_steps + 1)
-        evals = sum(1 for s in remaining if s % self.cfg.eval_every == 0 or s == self.cfg.max_steps)
-        saves = sum(1 for s in remaining if s % self.cfg.save_every == 0 or s == self.cfg.max_steps)
-        return len(remaining) * float(np.median(self.run_step_s)) + evals * self.eval_s + saves * self.save_s
-
-    def note_eval(self, step: int, val_loss: float, seconds: float) -> dict:
-        self.eval_s = seconds
-        logging.info("step %d  val_loss %.4f  (eval %.2f s)", step, val_loss, seconds)
-        if self.prev_eval is not None:
-            prev_val, prev_train = self.prev_eval
-            if val_loss > prev_val and self.last_train is not None and prev_train is not None and self.last_train < prev_train:
-                logging.warning(
-                    "step %d: validation loss rose (%.4f -> %.4f) while training loss fell (%.4f -> %.4f): "
-                    "the memorisation gap Phase 1 produces by design; training continues",
-                    step, prev_val, val_loss, prev_train, self.last_train)
-        self.prev_eval = (val_loss, self.last_train)
-        return {"step": step, "val_loss": val_loss, "eval_s": seconds}
-
-    def note_save(self, step: int, seconds: float) -> dict:
-        self.save_s = seconds
-        logging.info("step %d  checkpoint save started (%.2f s blocking; it commits in the background)", step, seconds)
-        return {"step": step, "save_s": seconds}
+            ids, mask, more = np.pad(ids, pad), np.pad(mask, pad), np.pad(more, pad + ((0, 0),))
+        yield ids, weights, mask.astype(bool), more.astype(np.float32)
 
 
 def _timed(fn, *args):
@@ -167,11 +102,6 @@ def _timed(fn, *args):
     started = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     return out, time.perf_counter() - started
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 @contextlib.contextmanager
@@ -226,7 +156,8 @@ def _phase1_job(cfg: TrainConfig) -> Job | None:
         return None
     settings = train.StepSettings(prepared.model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk)
     job = Job(cfg, prepared.model_cfg, prepared.trainable, prepared.frozen, prepared.vocab_stats.base_size,
-              prepared.train_blocks, prepared.val_blocks, prepared.val_resegmented, prepared.record, settings)
+              prepared.train_blocks, prepared.val_blocks, prepared.val_resegmented, prepared.record, settings,
+              char_cost=base_cost.setup(prepared, cfg))
     prepared.trainable = prepared.frozen = None  # the job owns the host arrays now
 
     def finish(state: train.TrainState, frozen: dict) -> None:
@@ -297,6 +228,13 @@ def train_job(job: Job) -> RunResult:
     trainable_host = padding.pad(job.trainable, rows)
     trainable = convert.to_device(trainable_host, parallel.vocab_sharded_like(trainable_host, mesh, rows))
     job.frozen = job.trainable = None
+    char_cost = job.char_cost
+    # (val blocks, T-1, K) weight columns the eval adds to its categories: the Wake-word costs, or none.
+    extra = char_cost.spans.run_word_weights if char_cost else np.zeros((*job.val_blocks[:, 1:].shape, 0), np.float32)
+    base_figures = char_cost and base_cost.base_figures(workdir, frozen, char_cost.base, char_cost.spans, job.settings,
+                                                        cfg.batch_size, char_cost.body)
+    if char_cost:
+        char_cost.base = None  # scored: the host copy of the base rows is not needed again
 
     abstract = jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen)
     state_sharding = parallel.state_sharding(abstract, mesh, rows)
@@ -352,22 +290,27 @@ def train_job(job: Job) -> RunResult:
             jax.ShapeDtypeStruct((cfg.batch_size,), np.float32, sharding=eval_weights_sharding),
             jax.ShapeDtypeStruct(eval_shape, np.bool_, sharding=eval_ids_sharding),
             train_counts_on_device,
+            jax.ShapeDtypeStruct((*eval_shape[:1], eval_shape[1] - 1, extra.shape[-1]), np.float32, sharding=eval_ids_sharding),
         ).compile()
     compile_s = time.perf_counter() - compile_started
     logging.info("compiled the train step in %.1f s and the eval step in %.1f s", step_compile_s, compile_s - step_compile_s)
 
     def evaluate(trainable_now) -> dict:
         """The eval event's fields: the validation loss overall and by target type, with counts."""
-        sums, counts = np.zeros(len(train.EVAL_CATEGORIES)), np.zeros(len(train.EVAL_CATEGORIES))
-        for ids, weights, mask in _eval_batches(job.val_blocks, val_resegmented, cfg.batch_size, cfg.eval_blocks):
+        columns = len(train.EVAL_CATEGORIES)
+        sums = counts = np.zeros(columns + extra.shape[-1])
+        for ids, weights, mask, more in _eval_batches(job.val_blocks, val_resegmented, extra, cfg.batch_size, cfg.eval_blocks):
             loss_sums, n = eval_fn(trainable_now, frozen, jax.device_put(ids, eval_ids_sharding),
                                    jax.device_put(weights, eval_weights_sharding), jax.device_put(mask, eval_ids_sharding),
-                                   train_counts_on_device)
+                                   train_counts_on_device, jax.device_put(more, eval_ids_sharding))
             sums, counts = sums + np.asarray(loss_sums, np.float64), counts + np.asarray(n, np.float64)
-        return records.val_loss_fields(train.EVAL_CATEGORIES, sums, counts)
+        fields = records.val_loss_fields(train.EVAL_CATEGORIES, sums[:columns], counts[:columns])
+        if char_cost:
+            fields.update(base_cost.eval_fields(sums[0], sums[columns:], char_cost.spans, base_figures))
+        return fields
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * job.train_blocks.shape[1]
-    progress = _Progress(cfg, tokens_per_step, compile_s)
+    progress = progress_log.Progress(cfg, tokens_per_step, compile_s)
     last_val = None
     if start == 0 and not history:
         fields, eval_s = _timed(evaluate, state.trainable)
@@ -468,7 +411,8 @@ def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.Prepare
     tokens = prepared.tokenizer.convert_ids_to_tokens(list(range(table.shape[0])))
     report.run_analysis(table, prepared.vocab_stats.base_size, workdir / "analysis",
                         E_pre=records.verified_npy(workdir / prepare.EMBEDDINGS_PRE, prepared.record.get("embeddings_pre_sha256"),
-                                                 "rerun the same command: it rewrites the file from the run's sources"), tokens=tokens, seed=0)
+                                                 "rerun the same command: it rewrites the file from the run's sources"), tokens=tokens, seed=0,
+                        vs_base=base_cost.last_eval(records.read_metrics(workdir)))
     logging.info("exporting the table for TensorBoard's Embedding Projector -> %s", workdir / tboard.LOGDIR)
     tboard.write_projector(workdir / tboard.LOGDIR, table, prepared.vocab_stats.base_size, tokens,
                            name=f"trained table, step {step}")

@@ -50,6 +50,8 @@ TAGS = {
     "eval_s": "time/eval_s",
     "save_s": "time/save_s",
     "compile_s": "time/compile_s",
+    # Against the base model (wake2vec.phases.base_cost): the run, the base and the headline difference.
+    **{f"{who}_{unit}": f"vs_base/{who}_{unit}" for who in ("val", "base", "delta") for unit in ("nats_per_char", "bits_per_byte")},
 }
 
 

@@ -327,11 +327,14 @@ def category_weights(ids: jax.Array, block_weights: jax.Array, resegmented: jax.
 
 
 def make_eval_step(settings: StepSettings, base_size: int) -> Callable:
-    """eval_step(trainable, frozen, ids (B, T), block_weights (B,), resegmented (B, T) bool, train_counts (V,))
-    -> (loss sums, prediction counts) over EVAL_CATEGORIES, from one pass over the chunked logits."""
+    """eval_step(trainable, frozen, ids (B, T), block_weights (B,), resegmented (B, T) bool, train_counts (V,)
+    [, extra (B, T-1, K)]) -> (loss sums, weight sums) over EVAL_CATEGORIES and then the K `extra` columns
+    (wake2vec.phases.base_cost's Wake-word weights), from one pass over the chunked logits."""
 
-    def eval_step(trainable, frozen, ids, block_weights, resegmented, train_counts):
+    def eval_step(trainable, frozen, ids, block_weights, resegmented, train_counts, extra=None):
         weights = category_weights(ids, block_weights, resegmented, base_size, train_counts)
+        if extra is not None:
+            weights = jnp.concatenate([weights, extra * block_weights[:, None, None]], axis=-1)
         return weighted_loss_sum(trainable, frozen, ids, weights, settings), jnp.sum(weights, axis=(0, 1))
 
     return eval_step

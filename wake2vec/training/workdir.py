@@ -349,16 +349,40 @@ def _by_type_cell(event: dict, category: str) -> str:
     return f"{'–' if loss is None else f'{loss:.4f}'} ({event[f'val_tokens_{category}']:,})"
 
 
+# Against the base model (wake2vec.phases.base_cost), Phase 1 only: loss-table header, then the
+# metrics.jsonl fields of the run's figure and the base's.
+VAL_VS_BASE = (
+    ("Val nats/char (base; Δ)", "val_nats_per_char", "base_nats_per_char"),
+    ("Val bits/byte (base; Δ)", "val_bits_per_byte", "base_bits_per_byte"),
+    ("Wake word nats, seen (base; n)", "val_word_nats_seen", "base_word_nats_seen"),
+    ("Wake word nats, unseen (base; n)", "val_word_nats_unseen", "base_word_nats_unseen"),
+)
+
+
+def _vs_base_cell(event: dict, run_key: str, base_key: str) -> str:
+    if run_key not in event:  # another phase, or logged before the figure existed
+        return ""
+    run, base = event[run_key], event[base_key]
+    if run is None:  # no such word in the validation blocks
+        return "–"
+    if "word" in run_key:
+        return f"{run:.4f} ({base:.4f}; {event[run_key.replace('val_word_nats', 'word_occurrences')]:,})"
+    return f"{run:.4f} ({base:.4f}; Δ {run - base:+.4f})"  # the headline: negative, the run reads the Wake better
+
+
 def write_loss_table(workdir: pathlib.Path, events: Iterable[dict]) -> None:
     """`| Step | Training Loss | Validation Loss |` at each eval, as the study reports it,
-    then the validation loss by target type with its token count."""
+    then the validation loss by target type with its token count, then the run against the
+    base model per character and per Wake word."""
     events = list(events)
     by_step = {e["step"]: e for e in events if "val_loss" in e}
-    header = " | ".join(["Step", "Training Loss", "Validation Loss"] + [h for _, h, _ in VAL_BY_TYPE])
-    lines = [f"| {header} |", "|:--" * (3 + len(VAL_BY_TYPE)) + "|"]
+    headers = [h for _, h, _ in VAL_BY_TYPE] + [h for h, _, _ in VAL_VS_BASE]
+    header = " | ".join(["Step", "Training Loss", "Validation Loss"] + headers)
+    lines = [f"| {header} |", "|:--" * (3 + len(headers)) + "|"]
     for step, train_loss, val_loss in loss_rows(events):
         shown = "" if train_loss is None else f"{train_loss:.4f}"
         cells = [_by_type_cell(by_step[step], c) for c, _, _ in VAL_BY_TYPE]
+        cells += [_vs_base_cell(by_step[step], run, base) for _, run, base in VAL_VS_BASE]
         lines.append(f"| {step} | {shown} | {val_loss:.4f} | " + " | ".join(cells) + " |")
     atomic_write_text(workdir / LOSS_TABLE, "\n".join(lines) + "\n")
 
