@@ -132,8 +132,28 @@ def test_unscaled_float16_is_what_none_selects():
 
 
 def test_an_fp16_run_from_before_loss_scaling_is_refused_in_one_line():
+    unscaled = {".inner[0].count"}
     with pytest.raises(loss_scale.LossScaleResumeError) as error:
-        loss_scale.check_resumable({"compute_dtype": "float16"}, has_checkpoints=True, scaled=True)
+        loss_scale.check_resumable(unscaled, scaled=True)
     assert "\n" not in str(error.value) and "--loss_scale=none" in str(error.value)
-    loss_scale.check_resumable({"compute_dtype": "float16", "loss_scale": "dynamic"}, has_checkpoints=True, scaled=True)
-    loss_scale.check_resumable({}, has_checkpoints=False, scaled=True)
+    loss_scale.check_resumable(unscaled | {".scale", ".good_steps"}, scaled=True)
+    loss_scale.check_resumable(None, scaled=True)  # nothing to resume
+    loss_scale.check_resumable(unscaled, scaled=False)
+
+
+def _demo_cfg(workdir, **changes):
+    return TrainConfig(workdir=str(workdir), seq_len=32, batch_size=2, grad_accum=2, max_steps=4, log_every=2,
+                       save_every=2, eval_every=4, eval_blocks=4, analyze=False, compute_dtype="float16", **changes)
+
+
+@pytest.mark.slow  # two demo runs through the loop
+def test_an_fp16_demo_run_logs_its_scale_and_a_pre_scaling_run_is_refused(tmp_path):
+    from wake2vec.training import loop, workdir as records
+
+    loop.run(_demo_cfg(tmp_path / "scaled"))
+    steps = [e for e in records.read_metrics(tmp_path / "scaled") if "train_loss" in e]
+    assert [e["loss_scale"] for e in steps] == [loss_scale.INITIAL_SCALE] * 2
+    # An unscaled fp16 run checkpoints what a run from before loss scaling did: no scale.
+    loop.run(_demo_cfg(tmp_path / "unscaled", loss_scale="none"))
+    with pytest.raises(loss_scale.LossScaleResumeError):
+        loop.run(_demo_cfg(tmp_path / "unscaled", allow_config_change=True))

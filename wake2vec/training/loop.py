@@ -306,7 +306,8 @@ def train_job(job: Job) -> RunResult:
     one = checkpoint.checkpoint_nbytes(abstract)
     logging.info("checkpoints: %s", checkpoint.check_disk_space(workdir / "checkpoints", one, cfg.keep))
 
-    loss_scale.check_resumable(record.get("flags", {}), bool(ckpt.all_steps()), job.settings.loss_scale)
+    committed = ckpt.all_steps()
+    loss_scale.check_resumable(ckpt.recorded_opt_state_paths(committed[-1]) if committed else None, job.settings.loss_scale)
     state = ckpt.restore_latest()
     if state is None:
         state = jax.jit(lambda t, f: train.init_state(t, f, tx), out_shardings=state_sharding)(trainable, frozen)

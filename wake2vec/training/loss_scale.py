@@ -86,9 +86,10 @@ def current_scale(opt_state) -> jax.Array | None:
     return opt_state.scale if isinstance(opt_state, ScaledState) else None
 
 
-def check_resumable(stored_flags: dict, has_checkpoints: bool, scaled: bool) -> None:
-    """Refuses an fp16 run whose checkpoints predate loss scaling (their optimiser state has no scale)."""
-    if scaled and has_checkpoints and "loss_scale" not in stored_flags:
+def check_resumable(checkpointed_paths: set[str] | None, scaled: bool) -> None:
+    """Refuses to resume scaled from a checkpoint whose optimiser state (its leaves' keystr
+    paths; None: none to resume) has no scale: an fp16 run from before loss scaling."""
+    if scaled and checkpointed_paths is not None and ".scale" not in checkpointed_paths:
         raise LossScaleResumeError(
             "this fp16 run's checkpoints predate loss scaling and cannot resume scaled; rerun with --loss_scale=none "
             "to continue it unscaled, or start a new --workdir")
