@@ -10,7 +10,9 @@ backward pass sees it). Two measures keep them (docs/results/fp16_underflow.md):
   divided by it in float32. A non-finite gradient means the scale overflowed float16: the
   update is skipped (parameters and the inner optimiser state unchanged, the step counter
   advances, as torch's GradScaler) and the scale halves; after GROWTH_INTERVAL finite
-  steps in a row it doubles.
+  steps in a row it doubles. A skipped step does not advance the inner optimiser's own
+  count either, so its schedule (and Adafactor's decay) lag the step counter by the number
+  of skipped steps, which metrics.jsonl lists; the logged `lr` is the schedule at the step.
 
 optax has no loss scaler and jmp is unmaintained, so this is written here. The scale lives
 in the optimiser state (`ScaledState`), so it is checkpointed with it and a resumed run is
