@@ -121,7 +121,7 @@ def main(argv):
     for row in rows:
         for label, none, dynamic in (("all", row["none"], row["dynamic"]),
                                      (f"{row['absent_rows']:,} absent", row["none"]["absent_rows"], row["dynamic"]["absent_rows"])):
-            lines.append(f"| {row['step']} | {label} | {none['flushed_share']:.2%} | {dynamic['flushed_share']:.2%} "
+            lines.append(f"| {row['step']} | {label} | {none['flushed_share']:.3%} | {dynamic['flushed_share']:.3%} "
                          f"| {none['relative_error']:.3g} | {dynamic['relative_error']:.3g} |")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
