@@ -96,6 +96,8 @@ class RunConfig:
     frozen_dtype: str = "float32"
     # Matmul compute dtype; norms, softmax and the loss always accumulate in float32.
     compute_dtype: str = "float32"
+    # With --compute_dtype=float16: dynamic (scale the loss, skip and halve on overflow; wake2vec.training.loss_scale) | none. Ignored otherwise.
+    loss_scale: str = "dynamic"
     # Float32 matmul precision: auto (highest for float32 compute, XLA's default otherwise) | default | high | highest; env WAKE2VEC_MATMUL_PRECISION overrides; config.json records the effective one.
     matmul_precision: str = "auto"
     # Rematerialisation: none | full | dots (save matmul outputs, recompute the rest).

@@ -32,7 +32,7 @@ from wake2vec.training import checkpoint, data, hosts, optim, train, workdir as 
 from wake2vec.phases import runs, prepare
 from wake2vec.models import convert, lora
 from wake2vec.tokens import vocab
-from wake2vec.config import DEMO_SOURCE, FlagError, Phase2Config, TrainConfig, dtype_from_name
+from wake2vec.config import DEMO_SOURCE, FlagError, Phase2Config, TrainConfig
 from wake2vec.errors import UserError
 
 # The demo's Phase 2 schedule (a Phase 1 demo run as --phase1), for every flag not set.
@@ -235,8 +235,7 @@ def prepare_phase2(cfg: Phase2Config):
     frozen = prepare.read_frozen_body(inputs.model_dir, cfg.frozen_dtype)
     frozen.update(tables)
     adapters = lora.init_adapters(model_cfg, spec, jax.random.PRNGKey(cfg.seed))
-    settings = train.StepSettings(model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk,
-                                  seed=cfg.seed, lora=spec)
+    settings = train.settings_for(cfg, model_cfg, seed=cfg.seed, lora=spec)
     base_size = int(inputs.vocab_stats["base_size"])
     job = loop.Job(cfg, model_cfg, {"lora": adapters}, frozen, base_size, inputs.train_blocks, inputs.val_blocks,
                    inputs.val_resegmented, record, settings, curve_title="Phase 2: LoRA over the frozen Phase 1 table")

@@ -34,7 +34,7 @@ from wake2vec.training import checkpoint, hosts, optim, train
 from wake2vec.models import convert, lora
 from wake2vec.tokens import vocab
 from wake2vec.training import workdir as records
-from wake2vec.config import DEMO_SOURCE, FlagError, Phase3Config, dtype_from_name
+from wake2vec.config import DEMO_SOURCE, FlagError, Phase3Config
 
 BUILT_GROUPS = "morpheme_groups.jsonl"
 DEMO_PRESET = dict(phase2.DEMO_PRESET, max_steps=100, wake_lr=1e-2, lambda_device=0.0)
@@ -151,7 +151,7 @@ def prepare_phase3(cfg: Phase3Config):
     frozen = prepare.read_frozen_body(inputs.model_dir, cfg.frozen_dtype)
     trainable = {"lora": adapters, "embedding": tables.pop("embedding")}
     frozen.update(tables)  # an untied head stays as Phase 1 left it
-    settings = train.StepSettings(model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk, seed=cfg.seed, lora=spec)
+    settings = train.settings_for(cfg, model_cfg, seed=cfg.seed, lora=spec)
     table_start = np.array(trainable["embedding"])
 
     def regularizer(trainable_now, frozen_now, key):

@@ -21,7 +21,7 @@ import shutil
 import numpy as np
 
 from wake2vec.models import convert, quant
-from wake2vec.training import data, hosts, optim, parallel, workdir as records
+from wake2vec.training import data, hosts, loss_scale, optim, parallel, workdir as records
 from wake2vec import demo
 from wake2vec.phases import distill
 from wake2vec.tokens import segmentation, vocab
@@ -113,6 +113,7 @@ def validate_run_flags(cfg: RunConfig) -> None:
         "injection": vocab.INJECTION_MODES,
         "remat": tuple(REMAT_POLICIES),
         "extend_schedule": ("",) + optim.EXTENSIONS,
+        "loss_scale": loss_scale.CHOICES,
     }
     for name, allowed in choices.items():
         if hasattr(cfg, name) and getattr(cfg, name) not in allowed:

@@ -181,13 +181,20 @@ class Checkpointer:
             if loss is not None:
                 self._val_losses[step] = loss
 
-    def _recorded_val_loss(self, step: int) -> float | None:
+    def _record(self, step: int) -> dict | None:
         try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-            return meta.get("val_loss")
+            return self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
         except Exception as error:  # unreadable: restore_latest will judge this step
             logging.warning("checkpoint step %d: its record cannot be read (%s)", step, _short(error))
             return None
+
+    def _recorded_val_loss(self, step: int) -> float | None:
+        return (self._record(step) or {}).get("val_loss")
+
+    def recorded_opt_state_paths(self, step: int) -> set[str] | None:
+        """The optimiser-state leaves (jax keystr paths) step `step` holds; None if its record is unreadable."""
+        record = self._record(step)
+        return None if record is None else set(record["checksums"][OPT_STATE])
 
     # -- saving
 

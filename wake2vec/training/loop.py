@@ -28,14 +28,15 @@ import time
 import jax
 import numpy as np
 
-from wake2vec.training import checkpoint, data, hosts, optim, parallel, precision, tboard, train, workdir as records
+from wake2vec.training import (checkpoint, data, hosts, loss_scale, optim, parallel, precision, tboard, train,
+                               workdir as records)
 from wake2vec.training import progress as progress_log
 from wake2vec.models import convert
 from wake2vec.models import padding
 from wake2vec.phases import base_cost, prepare
 from typing import Callable
 
-from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, RunConfig, TrainConfig, dtype_from_name
+from wake2vec.config import DEMO_SOURCE, FlagError, ModelConfig, RunConfig, TrainConfig
 from wake2vec.errors import UserError
 
 
@@ -154,7 +155,7 @@ def _phase1_job(cfg: TrainConfig) -> Job | None:
     logging.info("vocab %s; data %s", prepared.vocab_stats.as_dict(), prepared.corpus_stats.as_dict())
     if cfg.max_steps == 0:
         return None
-    settings = train.StepSettings(prepared.model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk)
+    settings = train.settings_for(cfg, prepared.model_cfg)
     job = Job(cfg, prepared.model_cfg, prepared.trainable, prepared.frozen, prepared.vocab_stats.base_size,
               prepared.train_blocks, prepared.val_blocks, prepared.val_resegmented, prepared.record, settings,
               char_cost=base_cost.setup(prepared, cfg))
@@ -244,6 +245,8 @@ def train_job(job: Job) -> RunResult:
     one = checkpoint.checkpoint_nbytes(abstract)
     logging.info("checkpoints: %s", checkpoint.check_disk_space(workdir / "checkpoints", one, cfg.keep))
 
+    committed = ckpt.all_steps()
+    loss_scale.check_resumable(ckpt.recorded_opt_state_paths(committed[-1]) if committed else None, job.settings.loss_scale)
     state = ckpt.restore_latest()
     if state is None:
         state = jax.jit(lambda t, f: train.init_state(t, f, tx), out_shardings=state_sharding)(trainable, frozen)
@@ -340,11 +343,16 @@ def train_job(job: Job) -> RunResult:
                     f"update); the step was not applied and nothing from it was saved. The last good checkpoint is "
                     f"step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
                     "(fp16 overflows easily), then rerun with --allow_config_change to resume from it")
+            if bool(metrics.get("skipped", False)):
+                # An fp16 overflow of the loss scale: the optimiser skipped the update and halved the scale.
+                logging.warning("step %d: the gradient overflowed float16 at loss scale %g; update skipped, scale halved",
+                                done, float(metrics["loss_scale"]))
+                log_event({"step": done, "skipped": True, "loss_scale": float(metrics["loss_scale"])})
             progress.note_step(loss, step_s, {k: float(v) for k, v in metrics.get("terms", {}).items()})
             is_last = done == cfg.max_steps
             logged = False
             if done % cfg.log_every == 0 or done % cfg.save_every == 0 or is_last:
-                log_event({**progress.flush(done, float(metrics["lr"])), "grad_norm": float(metrics["grad_norm"])})
+                log_event({**progress.flush(done, float(metrics["lr"])), **_step_fields(metrics)})
                 logged = True
             val_loss = None
             if done % cfg.eval_every == 0 or is_last:
@@ -354,7 +362,7 @@ def train_job(job: Job) -> RunResult:
                 log_event({**progress.note_eval(done, val_loss, eval_s), **fields})
                 stopped = bool(cfg.early_stop_patience) and _evals_since_best(eval_events) >= cfg.early_stop_patience
             if stopped and not logged:  # a save step is a log step: the resumed run's windows start here
-                log_event({**progress.flush(done, float(metrics["lr"])), "grad_norm": float(metrics["grad_norm"])})
+                log_event({**progress.flush(done, float(metrics["lr"])), **_step_fields(metrics)})
             if done % cfg.save_every == 0 or is_last or stopped:
                 _, save_s = _timed(lambda: ckpt.save(state, val_loss=val_loss))
                 log_event(progress.note_save(done, save_s))
@@ -373,6 +381,14 @@ def train_job(job: Job) -> RunResult:
     if job.finish is not None:
         job.finish(state, frozen)
     return RunResult(workdir, int(state.step), progress.last_train, last_val)
+
+
+def _step_fields(metrics: dict) -> dict:
+    """A log event's fields from the step's own metrics: the gradient norm, and the loss scale when there is one."""
+    fields = {"grad_norm": float(metrics["grad_norm"])}
+    if "loss_scale" in metrics:
+        fields["loss_scale"] = float(metrics["loss_scale"])
+    return fields
 
 
 def _close(ckpt: checkpoint.Checkpointer, scalars: tboard.ScalarWriter | None, workdir: pathlib.Path, title: str, *,

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from wake2vec.models import padding
+from wake2vec.training import loss_scale
 from wake2vec.config import RunConfig
 from wake2vec.errors import UserError
 
@@ -292,7 +293,8 @@ def make_optimizer(
     subtree its own peak rate on the same schedule (Phase 3's adapters and Wake rows). The
     global-norm clip sees every trainable subtree at once, as torch's clip over all groups.
     `cfg.mask_base_rows` keeps the table's base rows fixed (a flag in Phase 1, always on in
-    Phase 3, moot in Phase 2, which trains no row).
+    Phase 3, moot in Phase 2, which trains no row). With float16 compute and
+    --loss_scale=dynamic the optimiser is wrapped in wake2vec.training.loss_scale.dynamic.
     """
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer={cfg.optimizer!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
@@ -311,7 +313,9 @@ def make_optimizer(
     if mask_base_rows:
         chain.append(mask_rows(base_vocab_size))
     keys = tuple(trainable_keys)
-    return optax.partition(
+    tx = optax.partition(
         {TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()},
         lambda params: param_labels(params, keys),
     )
+    # float16 compute: the loss scale wraps the whole optimiser, so an overflowed step moves nothing.
+    return loss_scale.dynamic(tx) if loss_scale.active(cfg.loss_scale, cfg.compute_dtype) else tx

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import optax
 
 from wake2vec.models import model
-from wake2vec.training import optim, parallel
-from wake2vec.config import ModelConfig
+from wake2vec.training import loss_scale, optim, parallel
+from wake2vec.config import ModelConfig, dtype_from_name
 from wake2vec.models.lora import LoraSpec
 
 
@@ -56,6 +56,16 @@ class StepSettings:
     # Seeds the step's randomness as fold_in(seed, step): the adapters' dropout masks
     # (see dropout_key) and Phase 3's sampled pairs.
     seed: int = 0
+    # float16 compute with --loss_scale=dynamic: the chunked cross-entropy scales its logit
+    # gradient by loss_scale.LOGIT_GRAD_SCALE before the float16 cast (the dynamic loss scale
+    # itself lives in the optimiser state).
+    loss_scale: bool = False
+
+
+def settings_for(cfg, model_cfg: ModelConfig, **extra) -> StepSettings:
+    """A phase's step settings from its flags (a RunConfig); `extra` adds the phase's own (lora, seed)."""
+    return StepSettings(model_cfg, dtype_from_name(cfg.compute_dtype), cfg.remat, cfg.loss_chunk,
+                        loss_scale=loss_scale.active(cfg.loss_scale, cfg.compute_dtype), **extra)
 
 
 def _chunked(hidden, targets, weights, chunk):
@@ -84,9 +94,10 @@ def _masked_logits(h, head, vocab_size, compute_dtype, softcap):
     return jnp.where(jnp.arange(head.shape[0]) < vocab_size, logits, -jnp.inf)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def chunked_cross_entropy(
-    hidden, head, targets, weights, vocab_size: int, chunk: int, compute_dtype=jnp.float32, softcap: float | None = None
+    hidden, head, targets, weights, vocab_size: int, chunk: int, compute_dtype=jnp.float32, softcap: float | None = None,
+    grad_scale: float = 1.0,
 ):
     """Sum over tokens of weights * -log softmax(hidden @ head^T)[target].
 
@@ -99,6 +110,8 @@ def chunked_cross_entropy(
     same block (softmax - one-hot, times the head / the hidden states), so the backward pass
     only scales them: no logits are stored and none are recomputed. Evaluation, which does
     not differentiate, computes the loss alone. `softcap` is Gemma 2's final-logit cap.
+    `grad_scale` multiplies the logit gradient before its cast to `compute_dtype` and
+    divides the float32 products back: float16 would flush its small entries to zero.
     """
     h_chunks, t_chunks, w_chunks = _chunked(hidden, targets, weights, chunk)
 
@@ -113,7 +126,7 @@ def chunked_cross_entropy(
     return jax.lax.scan(body, jnp.zeros(weights.shape[1:], jnp.float32), (h_chunks, t_chunks, w_chunks))[0]
 
 
-def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk, compute_dtype, softcap):
+def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk, compute_dtype, softcap, grad_scale):
     if weights.ndim != 1:
         raise ValueError(f"chunked_cross_entropy is differentiated with one weight per token, got weights {weights.shape}")
     h_chunks, t_chunks, w_chunks = _chunked(hidden, targets, weights, chunk)
@@ -132,19 +145,25 @@ def _cross_entropy_with_grads(hidden, head, targets, weights, vocab_size, chunk,
         if softcap is not None:
             # Through cap * tanh(z / cap): d/dz = 1 - tanh^2. Padding rows (-inf) have zero gradient already.
             logit_grad = logit_grad * (1 - jnp.square(jnp.where(jnp.isfinite(logits), logits, 0.0) / softcap))
+        if grad_scale != 1.0:
+            logit_grad = logit_grad * grad_scale
         logit_grad = logit_grad.astype(compute_dtype)
         hidden_grad = jnp.dot(logit_grad, head_c, preferred_element_type=jnp.float32)
         head_grad = head_grad + jnp.dot(logit_grad.T, h.astype(compute_dtype), preferred_element_type=jnp.float32)
+        if grad_scale != 1.0:
+            hidden_grad = hidden_grad / grad_scale
         return (total + jnp.sum(w * (lse - target_logit)), head_grad), hidden_grad
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
     (total, head_grad), hidden_grad = jax.lax.scan(body, init, (h_chunks, t_chunks, w_chunks))
     hidden_grad = _unchunked(hidden_grad, hidden.shape[0])
+    if grad_scale != 1.0:
+        head_grad = head_grad / grad_scale
     return total, (hidden_grad, head_grad.astype(head.dtype))
 
 
-def _cross_entropy_backward(vocab_size, chunk, compute_dtype, softcap, residuals, cotangent):
-    del vocab_size, chunk, compute_dtype, softcap
+def _cross_entropy_backward(vocab_size, chunk, compute_dtype, softcap, grad_scale, residuals, cotangent):
+    del vocab_size, chunk, compute_dtype, softcap, grad_scale
     hidden_grad, head_grad = residuals
     # Targets are integers and weights are data: neither is differentiated.
     return cotangent * hidden_grad, cotangent * head_grad, None, None
@@ -178,6 +197,7 @@ def weighted_loss_sum(
         settings.loss_chunk,
         settings.compute_dtype,
         cfg.final_logit_softcapping,
+        loss_scale.LOGIT_GRAD_SCALE if settings.loss_scale else 1.0,
     )
 
 
@@ -220,6 +240,9 @@ def make_train_step(
     the figure HF Trainer logs), `lr` (the rate this step used) and `finite`: False when
     the loss, the gradient or the new state holds a NaN or an inf, in which case the
     returned state is the input state, unchanged (step counter included).
+    Under a loss scale (float16 compute, wake2vec.training.loss_scale) also `loss_scale`
+    (the scale this step used) and `skipped`: True when its gradient overflowed, the update
+    was skipped and the scale halved; such a step is finite (committed, its counter advances).
 
     `regularizer(trainable, frozen, key) -> {"total": weighted sum, name: term, ...}` adds
     batch-independent terms (Phase 3's alignment losses) to the objective. They are
@@ -229,11 +252,13 @@ def make_train_step(
     no microbatch uses), so a resumed run samples what the uninterrupted one did.
     """
 
-    def mean_loss(trainable, frozen, ids, key):
+    def mean_loss(trainable, frozen, ids, key, scale):
         total, count = loss_sum_and_count(trainable, frozen, ids, jnp.ones(ids.shape[0]), settings, key)
-        return total / count
+        loss = total / count
+        # The scaled loss is differentiated; the loss itself is reported.
+        return (loss if scale is None else loss * scale), loss
 
-    grad_fn = jax.value_and_grad(mean_loss)
+    grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
     drops = settings.lora is not None and settings.lora.dropout > 0
 
     def regularizer_total(trainable, frozen, key):
@@ -242,12 +267,13 @@ def make_train_step(
 
     def train_step(state: TrainState, frozen: dict, batch: jax.Array):
         accum = batch.shape[0]
+        scale = loss_scale.current_scale(state.opt_state)  # None unless float16 compute scales its loss
 
         def microbatch(carry, xs):
             grads, loss = carry
             ids, index = xs
             key = dropout_key(settings.seed, state.step, index) if drops else None
-            micro_loss, micro_grads = grad_fn(state.trainable, frozen, ids, key)
+            (_, micro_loss), micro_grads = grad_fn(state.trainable, frozen, ids, key, scale)
             # Every microbatch predicts the same number of tokens, so the mean of the
             # microbatch means is the mean over the whole step.
             grads = jax.tree_util.tree_map(lambda a, g: a + g / accum, grads, micro_grads)
@@ -255,6 +281,8 @@ def make_train_step(
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
         (grads, loss), _ = jax.lax.scan(microbatch, (zeros, jnp.zeros((), jnp.float32)), (batch, jnp.arange(accum)))
+        if scale is not None:
+            grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
         terms = {}
         if regularizer is not None:
             # The key of microbatch number `accum`, which no microbatch has: its own stream.
@@ -267,9 +295,14 @@ def make_train_step(
         new_state = TrainState(state.step + 1, trainable, opt_state)
         # A finite loss says nothing about the update it produced (an overflowing lr x update,
         # an inf gradient), so the state itself is checked: a non-finite step is not applied.
-        finite = jnp.isfinite(loss) & all_finite((grads, trainable, opt_state, terms))
+        # Under a loss scale a non-finite gradient is an overflow of the scale, not a failure:
+        # the optimiser skipped it and halved the scale, and the step is committed as such.
+        checked = (trainable, opt_state, terms) if scale is not None else (grads, trainable, opt_state, terms)
+        finite = jnp.isfinite(loss) & all_finite(checked)
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "finite": finite}
+        if scale is not None:
+            metrics["loss_scale"], metrics["skipped"] = scale, ~all_finite(grads)
         if terms:
             metrics["terms"] = terms
         return new_state, metrics
