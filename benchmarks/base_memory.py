@@ -5,7 +5,7 @@
 For each base the study ran (and its reference, TinyLlama), the architecture comes from the
 numbers of the checkpoint's public config.json, written out below because nothing here
 downloads. The vocabulary grows by the Wake tokens the study measured for that tokenizer
-(issue 16; TinyLlama's from ../shared/data), or, where no tokenizer was at hand, by the whole
+(TinyLlama's measured on its tokenizer), or, where no tokenizer was at hand, by the whole
 44,990-word lexicon: an upper bound, marked "<=", since words already in a vocabulary add
 no row. A padded matrix is cut to its tokenizer first (convert.drop_padding_rows).
 

@@ -1,4 +1,4 @@
-"""Bits per character against the base model, and what each Wake word costs (issue 26).
+"""Bits per character against the base model, and what each Wake word costs.
 
 A loss per token cannot compare two tokenizers: the injected one spells a Wake word in one
 token, the base one in several. Per character it can. For every validation block this
