@@ -1,6 +1,8 @@
 """Runs the training launcher while recording every file it writes under --workdir.
 
-    python -m tests.audited_launch AUDIT_LOG -- <train_p1 flags>
+    python -m tests.audited_launch AUDIT_LOG [LAUNCHER] -- <launcher flags>
+
+LAUNCHER is train_p1 (the default), train_p2 or train_p3.
 
 A Python audit hook (sys.addaudithook) sees every `open` for writing, rename, mkdir and
 removal the launcher's Python code makes; each one under the workdir is appended to
@@ -36,7 +38,9 @@ def _writes(event: str, args: tuple):
 
 
 def main() -> None:
-    log_path, separator, *flags = sys.argv[1:]
+    log_path, *rest = sys.argv[1:]
+    launcher = "train_p1" if rest[0] == "--" else rest.pop(0)
+    separator, *flags = rest
     assert separator == "--", sys.argv
     workdir = next(os.path.abspath(f.split("=", 1)[1]) for f in flags if f.startswith("--workdir="))
     log = open(log_path, "a", encoding="utf-8", buffering=1)
@@ -48,8 +52,8 @@ def main() -> None:
                 log.write(json.dumps({"event": event, "path": os.path.relpath(path, workdir)}) + "\n")
 
     sys.addaudithook(hook)
-    sys.argv = ["experiments.train_p1", *flags]
-    runpy.run_module("experiments.train_p1", run_name="__main__", alter_sys=True)
+    sys.argv = [f"experiments.{launcher}", *flags]
+    runpy.run_module(f"experiments.{launcher}", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -41,23 +41,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir: pathlib.Path, audit: pathlib.Path, devices: int, *extra: str) -> subprocess.Popen:
+def start(workdir: pathlib.Path, audit: pathlib.Path, devices: int, *extra: str,
+          launcher: str = "train_p1", flags: list[str] = FLAGS) -> subprocess.Popen:
     """A launcher process whose stderr goes to a file beside its audit: a pipe nobody reads
     while we poll would fill (64 KB) and stall the run, which looked like a flaky timeout."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     log = audit.with_suffix(".stderr")
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.audited_launch", str(audit), "--",
-                                 f"--workdir={workdir}", *FLAGS, *extra],
+        proc = subprocess.Popen([sys.executable, "-m", "tests.audited_launch", str(audit), launcher, "--",
+                                 f"--workdir={workdir}", *flags, *extra],
                                 cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     proc.log = log
     return proc
 
 
-def start_pair(workdir: pathlib.Path, audits: pathlib.Path, run: int, *extra: str) -> list[subprocess.Popen]:
+def start_pair(workdir: pathlib.Path, audits: pathlib.Path, run: int | str, *extra: str,
+               **launch) -> list[subprocess.Popen]:
     coordinator = f"--coordinator_address=127.0.0.1:{free_port()}"
     return [start(workdir, audits / f"run{run}_process{i}.jsonl", 4, "--distributed", coordinator,
-                  "--num_processes=2", f"--process_id={i}", *extra) for i in range(2)]
+                  "--num_processes=2", f"--process_id={i}", *extra, **launch) for i in range(2)]
 
 
 def stderr_tail(proc: subprocess.Popen) -> str:
@@ -208,3 +210,45 @@ def test_a_killed_peer_ends_the_survivor_promptly_and_both_resume(tmp_path):
     from wake2vec.phases import runs
 
     assert runs.load_table(two)[1] == 12
+
+
+# Phases 2 and 3 at the demo's float32, with LoRA dropout on (the study's 0.1), so the two
+# processes must also draw the same dropout masks.
+ADAPTER_FLAGS = ["--batch_size=8", "--grad_accum=1", "--log_every=2", "--eval_blocks=8", "--analyze=false",
+                 "--generate_at_end=false", "--frozen_dtype=float32", "--compute_dtype=float32", "--lr=1e-3",
+                 "--max_steps=6", "--eval_every=3", "--save_every=3", "--mesh=1,8"]
+
+
+def test_phases_2_and_3_in_two_processes_equal_one_process(tmp_path):
+    """Each adapter phase, run by two processes from the same start, ends where one process of
+    8 devices ends, to the tolerance of the first test (gloo's other summation order), and
+    every file in its workdir is written by process 0 alone."""
+    import jax
+    from wake2vec.training import checkpoint
+
+    audits = tmp_path / "audit"
+    audits.mkdir()
+    phase1 = tmp_path / "p1"
+    finish([start(phase1, audits / "p1.jsonl", 8, "--max_steps=4")])
+    starts = {"train_p2": [f"--phase1={phase1}", "--phase1_step=latest"],
+              "train_p3": [f"--phase2={tmp_path / 'train_p2_one'}", "--phase2_step=latest", "--lambda_device=0",
+                           "--wake_lr=1e-2"]}
+    for launcher, origin in starts.items():
+        one, two = tmp_path / f"{launcher}_one", tmp_path / f"{launcher}_two"
+        finish([start(one, audits / f"{launcher}_one.jsonl", 8, *origin, launcher=launcher, flags=ADAPTER_FLAGS)])
+        finish(start_pair(two, audits, launcher, *origin, launcher=launcher, flags=ADAPTER_FLAGS))
+
+        (state_one, step_one), (state_two, step_two) = checkpoint.load_trainable(one), checkpoint.load_trainable(two)
+        assert step_one == step_two == 6, launcher
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-6, err_msg=launcher),
+                     state_one, state_two)
+        events_one, events_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+        assert [e["step"] for e in events_two] == [e["step"] for e in events_one], launcher
+        for a, b in zip(events_two, events_one):
+            for name in ("train_loss", "val_loss", "lr"):
+                if name in a:
+                    np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=0,
+                                               err_msg=f"{launcher} step {a['step']} {name}")
+        written = writers((int(p.stem[-1]), p) for p in audits.glob(f"run{launcher}_process*.jsonl"))
+        assert "config.json" in written and "metrics.jsonl" in written, (launcher, written)
+        assert all(processes == {0} for processes in written.values()), (launcher, written)
