@@ -544,3 +544,31 @@ def test_distributed_with_no_cluster_to_detect_says_what_to_pass(tmp_path):
     assert out.returncode == 1, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: --distributed found no cluster to join"), out.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory nothing can write into: a read-only bind mount as root (chmod does
+    not stop root), chmod 555 otherwise."""
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() != 0:
+        target.chmod(0o555)
+        yield target
+        target.chmod(0o755)
+        return
+    for cmd in (["mount", "--bind", "-o", "ro", str(target), str(target)], ["mount", "-o", "remount,ro,bind", str(target)]):
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            subprocess.run(["umount", str(target)], capture_output=True)
+            pytest.skip(f"cannot make a read-only bind mount: {' '.join(cmd)} failed")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
+def test_a_read_only_workdir_is_one_line_naming_the_flag(read_only_dir, capsys):
+    code = invoke("train", f"--workdir={read_only_dir}", *FAST, "--max_steps=0")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-2000:]
+    assert re.fullmatch(r"error: cannot write to .*ro \(.*\); pass a writable --workdir", err.splitlines()[-1]), err[-2000:]

@@ -115,12 +115,12 @@ def exclusive_workdir(workdir: pathlib.Path):
     with contextlib.ExitStack() as held:
         busy = None
         if hosts.is_writer():
-            workdir.mkdir(parents=True, exist_ok=True)
-            lock = held.enter_context(open(workdir / ".lock", "w"))
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
+                fcntl.flock(held.enter_context(records.open_lock(workdir)), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, records.OutputDirError) as e:
                 busy = e
+        if hosts.agree(isinstance(busy, records.OutputDirError)):
+            raise busy if busy is not None else records.OutputDirError(f"cannot write to {workdir}; pass a writable --workdir")
         if hosts.agree(busy is not None):
             raise WorkdirBusyError(f"{workdir} is in use by another wake2vec run; wait for it or choose another --workdir") from busy
         yield
