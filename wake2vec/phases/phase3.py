@@ -166,7 +166,8 @@ def prepare_phase3(cfg: Phase3Config):
         from wake2vec.analysis import phases
 
         if cfg.analyze:
-            phases.write_phase3_report(workdir, state, table_start, record, spec, data, inputs.tokenizer)
+            phases.write_phase3_report(workdir, state, table_start, record, spec, data, inputs.tokenizer,
+                                       train_counts=train.training_counts(inputs.train_blocks, model_cfg.vocab_size))
         if cfg.generate_at_end:
             loop.generate_at_end(cfg, model_cfg, {**frozen_now, **state.trainable}, inputs.tokenizer, int(state.step),
                                  demo=p2.get("model_spec") == DEMO_SOURCE, base_size=base_size, lora_spec=spec)

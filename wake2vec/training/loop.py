@@ -428,7 +428,8 @@ def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.Prepare
     report.run_analysis(table, prepared.vocab_stats.base_size, workdir / "analysis",
                         E_pre=records.verified_npy(workdir / prepare.EMBEDDINGS_PRE, prepared.record.get("embeddings_pre_sha256"),
                                                  "rerun the same command: it rewrites the file from the run's sources"), tokens=tokens, seed=0,
-                        vs_base=base_cost.last_eval(records.read_metrics(workdir)))
+                        vs_base=base_cost.last_eval(records.read_metrics(workdir)),
+                        train_counts=train.training_counts(prepared.train_blocks, table.shape[0]))  # the eval's seen/unseen split
     logging.info("exporting the table for TensorBoard's Embedding Projector -> %s", workdir / tboard.LOGDIR)
     tboard.write_projector(workdir / tboard.LOGDIR, table, prepared.vocab_stats.base_size, tokens,
                            name=f"trained table, step {step}")
