@@ -124,6 +124,26 @@ def analyze_files(post_path, base_vocab_size: int, out_dir=None, *, pre_path=Non
                                pairs_file=pairs_file)
 
 
+def phase1_training_counts(workdir: pathlib.Path, config: dict, n_rows: int) -> np.ndarray | None:
+    """Each row's occurrences in the Phase 1 training blocks (which Phase 2 and 3 train on too),
+    rebuilt from the Phase 1 workdir's corpus token cache and its split flags; None without a
+    cache that matches config.json's corpus_tokens_sha256 (the seen/unseen split is then left out)."""
+    phase1 = pathlib.Path(config["phase1"]["workdir"]) if "phase1" in config else workdir
+    phase1_config = config if phase1 == workdir else records.read_config(phase1)
+    expected = (phase1_config or {}).get("corpus_tokens_sha256")
+    for path in sorted(phase1.glob("corpus_tokens_*.npy")):
+        ids = np.load(path)
+        if expected is not None and records.array_sha256(ids) == expected:
+            from wake2vec.training import data, train
+
+            flags = phase1_config["flags"]
+            blocks = data.split_blocks(data.make_blocks(ids, flags["seq_len"]), flags["val_fraction"],
+                                       flags["split_shuffle_seed"])[0]
+            return train.training_counts(blocks, n_rows)
+    logging.warning("no corpus token cache in %s matches its config.json: new rows are not split by training exposure", phase1)
+    return None
+
+
 def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int = 0, pairs_file=None) -> dict:
     """Analysis of a training workdir's checkpoint (the latest, or `step`)."""
     from wake2vec.analysis import report
@@ -158,7 +178,7 @@ def analyze_workdir(workdir, *, step: int | None = None, out_dir=None, seed: int
         logging.warning("%s not found: token names will be null", workdir / records.TOKENIZER_DIR)
     source = {"workdir": str(workdir), "step": int(loaded_step)}
     summary = report.run_analysis(E_post, base_vocab_size, out_dir, E_pre=E_pre, tokens=tokens, seed=seed, source=source,
-                                  pairs_file=pairs_file)
+                                  pairs_file=pairs_file, train_counts=phase1_training_counts(workdir, config, E_post.shape[0]))
     from wake2vec.training import tboard
 
     tboard.write_projector(workdir / tboard.LOGDIR, E_post, base_vocab_size, tokens or [None] * E_post.shape[0],
@@ -179,11 +199,11 @@ def run(cfg: AnalyzeConfig) -> str:
             raise FlagError("--post needs --base_vocab_size (rows [:N] are the base vocabulary)")
         summary = analyze_files(cfg.post, cfg.base_vocab_size, cfg.out_dir or None, pre_path=cfg.pre or None,
                                 tokenizer_dir=cfg.tokenizer or None, seed=cfg.seed, pairs_file=cfg.pairs or None)
-    from wake2vec.analysis import report, source_rank
+    from wake2vec.analysis import source_rank, usage
 
     logging.info("%s", source_rank.headline(summary))
     if cfg.workdir:
-        logging.info("%s", report.generation_usage_headline(cfg.workdir))
+        logging.info("%s", usage.generation_usage_headline(cfg.workdir))
     return f"analysis written: {summary['meta']['source']}"
 
 

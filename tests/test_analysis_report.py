@@ -117,6 +117,37 @@ def test_neighbors_find_the_aligned_base_row(summary):
             assert len(query["nearest_base"]) == report.NEIGHBOR_K
 
 
+def test_rows_no_training_block_holds_are_reported_apart(tables, summary):
+    post, pre, tokens, norms = tables
+    # Every third new row never occurs in a training block; the others 1..3 times.
+    counts = np.where(np.arange(N_NEW) % 3 == 0, 0, 1 + np.arange(N_NEW) % 3).astype(np.int32)
+    unseen = np.flatnonzero(counts == 0)
+    split = analysis.analyze(post, N_BASE, E_pre=pre, tokens=tokens, seed=0, train_counts=counts)
+    assert split["norms"]["new_unseen"]["n"] == unseen.size and split["norms"]["new_seen"]["n"] == N_NEW - unseen.size
+    assert split["norms"]["new_unseen"]["mean"] == pytest.approx(norms[N_BASE + unseen].mean(), rel=1e-12)
+    drift = split["drift"]["new_unseen"]
+    assert drift["cosine"]["n"] == unseen.size
+    # The most drifted unseen row is the unseen row of the largest angle, by its own id.
+    assert drift["top20"][0]["id"] == N_BASE + unseen[-1]
+    assert drift["cosine"]["min"] == pytest.approx(math.cos(NEW_ANGLES[unseen[-1]]), abs=1e-12)
+    assert {row["id"] - N_BASE for row in split["drift"]["new_seen"]["top20"]}.isdisjoint(unseen)
+    for queries in split["neighbors"].values():
+        for query in queries:
+            assert query["training_count"] == counts[query["id"] - N_BASE]
+    # A full-vocabulary count array is cut to its new rows; the rest of the summary is unchanged.
+    full = analysis.analyze(post, N_BASE, E_pre=pre, tokens=tokens, seed=0,
+                            train_counts=np.concatenate([np.ones(N_BASE, np.int32), counts]))
+    assert full == split
+    assert split["meta"]["train_counts_given"] and not summary["meta"]["train_counts_given"]
+    for section in ("norms", "drift"):
+        assert {k: v for k, v in split[section].items() if k not in ("new_seen", "new_unseen")} == summary[section]
+    # Every row seen: the unseen group is empty, None rather than a describe() of nothing.
+    all_seen = analysis.analyze(post, N_BASE, E_pre=pre, seed=0, train_counts=np.ones(N_NEW, np.int32))
+    assert all_seen["norms"]["new_unseen"] is None and all_seen["drift"]["new_unseen"] is None
+    assert json.loads(json.dumps(all_seen, allow_nan=False)) == all_seen
+    with pytest.raises(ValueError, match="one per new row"):
+        analysis.analyze(post, N_BASE, train_counts=counts[:-1])
+
 def test_equal_n_sampling_is_recorded(summary):
     sampling = summary["meta"]["sampling"]
     # Isotropy at n = min(300, 200); pairs at n = min(300 // 2, 200 // 2).

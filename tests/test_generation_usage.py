@@ -15,7 +15,7 @@ import pytest
 
 from wake2vec.models import generate, model
 from wake2vec.tokens import vocab
-from wake2vec.analysis import report
+from wake2vec.analysis import usage as usage_report
 from wake2vec.config import ModelConfig
 from wake2vec.demo.tokenizer import train_demo_tokenizer
 
@@ -93,15 +93,15 @@ def test_usage_not_counted_without_the_base_size(run, tmp_path):
     assert record["samples"][0]["usage"] is None and record["distinct_new_all_temperatures"] is None
     text = out.read_text(encoding="utf-8")
     assert "share new" not in text and "| new tokens are ids from | not counted" in text
-    assert "not counted" in report.generation_usage_headline(tmp_path)
+    assert "not counted" in usage_report.generation_usage_headline(tmp_path)
 
 
 def test_analysis_launcher_headline_reads_the_usage(run, tmp_path):
     record, workdir = run[6], run[7]
-    lines = report.generation_usage_headline(workdir).splitlines()
+    lines = usage_report.generation_usage_headline(workdir).splitlines()
     for line, entry in zip(lines[1:], record["samples"]):
         usage = entry["usage"]
         assert line == (f"  temperature {entry['temperature']:g}: {usage['new_tokens']} of {usage['generated_tokens']} "
                         f"tokens new ({usage['share_new']:.1%}), {usage['distinct_new']} distinct")
     assert lines[-1].endswith(f": {record['distinct_new_all_temperatures']}")
-    assert "not found" in report.generation_usage_headline(tmp_path)
+    assert "not found" in usage_report.generation_usage_headline(tmp_path)

@@ -337,6 +337,9 @@ CASES = [
     Case("export: not a workdir", "export", ("--workdir={T}", "--out={T}/hf"), 1, r"config\.json not found"),
     Case("export: no such step", "export", ("--workdir={W}", "--out={T}/hf", "--step=7"), 1, r"no committed checkpoint at step 7"),
     Case("export: out under a file", "export", ("--workdir={W}", "--out={W}/config.json/hf"), 1, r"cannot write to .*; pass a writable --out"),
+    # train_p3
+    Case("train_p3: no such --phase2", "train_p3", ("--workdir={T}/p3", "--phase2={T}/nope"), 1,
+         r"--phase2=.*nope: no such directory; train it first \(python -m experiments\.train_p2"),
     # build_lexicon
     Case("lexicon: missing flags", "lexicon", (), 1, r"--corpus, --tokenizer, --out required"),
     Case("lexicon: min_count zero", "lexicon",
@@ -544,3 +547,31 @@ def test_distributed_with_no_cluster_to_detect_says_what_to_pass(tmp_path):
     assert out.returncode == 1, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: --distributed found no cluster to join"), out.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory nothing can write into: a read-only bind mount as root (chmod does
+    not stop root), chmod 555 otherwise."""
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() != 0:
+        target.chmod(0o555)
+        yield target
+        target.chmod(0o755)
+        return
+    for cmd in (["mount", "--bind", "-o", "ro", str(target), str(target)], ["mount", "-o", "remount,ro,bind", str(target)]):
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            subprocess.run(["umount", str(target)], capture_output=True)
+            pytest.skip(f"cannot make a read-only bind mount: {' '.join(cmd)} failed")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
+def test_a_read_only_workdir_is_one_line_naming_the_flag(read_only_dir, capsys):
+    code = invoke("train", f"--workdir={read_only_dir}", *FAST, "--max_steps=0")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-2000:]
+    assert re.fullmatch(r"error: cannot write to .*ro \(.*\); pass a writable --workdir", err.splitlines()[-1]), err[-2000:]

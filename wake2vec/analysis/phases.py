@@ -144,9 +144,10 @@ def write_phase2_report(workdir: pathlib.Path, state: train.TrainState, frozen: 
 
 
 def write_phase3_report(workdir: pathlib.Path, state: train.TrainState, table_start: np.ndarray, record: dict,
-                        spec: lora.LoraSpec, data, tokenizer) -> dict:
+                        spec: lora.LoraSpec, data, tokenizer, train_counts=None) -> dict:
     """Checks the base rows, analyses the trained table (morphology included) against the
-    start, measures the adapters, writes the report; returns it (on every process)."""
+    start, measures the adapters, writes the report; returns it (on every process).
+    `train_counts` (per row, from the training blocks) splits the new rows seen / never seen."""
     from wake2vec.analysis import report as table_report
 
     total, base_size = int(record["vocab"]["total"]), int(record["vocab"]["base_size"])
@@ -167,7 +168,8 @@ def write_phase3_report(workdir: pathlib.Path, state: train.TrainState, table_st
         tokens = tokenizer.convert_ids_to_tokens(list(range(total)))
         summary = table_report.run_analysis(table, base_size, workdir / "analysis", E_pre=table_start, tokens=tokens, seed=0,
                                             source={"workdir": str(workdir), "step": int(state.step), "phase": 3},
-                                            groups=data, group_names=record["groups"]["group_names"])
+                                            groups=data, group_names=record["groups"]["group_names"],
+                                            train_counts=train_counts)
         report["morphology"] = summary.get("morphology")
     _write(workdir, report, f"Base rows: unchanged, verified bit for bit ({base_size:,} rows). Wake rows moved by "
                             f"{report['wake_rows']['movement_l2_mean']:.4g} on average (L2).")

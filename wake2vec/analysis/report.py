@@ -30,7 +30,7 @@ import numpy as np
 import scipy
 
 import wake2vec
-from wake2vec.analysis import metrics, morphology, source_pairs, source_rank
+from wake2vec.analysis import metrics, morphology, seen_split, source_pairs, source_rank
 from wake2vec.analysis.plots import FigureData, plot_embedding_analysis, plot_morphology, plot_source_ranks
 
 # The study's partition ratio is O(n^2 D); it used a sample of 5,000 vectors.
@@ -175,8 +175,7 @@ def _pca_section(spectra: dict, sizes: dict) -> tuple[dict, dict]:
     return section, cumulative
 
 
-def _drift_of(cosines: np.ndarray, distances: np.ndarray, first_id: int, token_of) -> dict:
-    ids = np.arange(cosines.size) + first_id
+def _drift_of(cosines: np.ndarray, distances: np.ndarray, ids: np.ndarray, token_of) -> dict:
     most_drifted = np.lexsort((ids, cosines))[:TOP_DRIFTED]  # lowest cosine first, ties by id
     return {
         "cosine": metrics.describe(cosines),
@@ -189,9 +188,9 @@ def _drift_of(cosines: np.ndarray, distances: np.ndarray, first_id: int, token_o
     }
 
 
-def _neighbors_section(E: np.ndarray, n_base: int, token_of, seed: int) -> tuple[dict, dict]:
+def _neighbors_section(E: np.ndarray, n_base: int, token_of, seed: int, counts=None) -> tuple[dict, dict]:
     """Wake rows drawn from the first, middle and last third of the new rows, each with its
-    nearest base rows by cosine."""
+    nearest base rows by cosine (and, given the new rows' training counts, its own)."""
     n_new = E.shape[0] - n_base
     bounds = np.linspace(0, n_new, 4).astype(int)
     rng = _stream(seed, "neighbors")
@@ -208,7 +207,9 @@ def _neighbors_section(E: np.ndarray, n_base: int, token_of, seed: int) -> tuple
         for q, row_ids, row_cos in zip(query_ids, indices, cosines)
     }
     section = {
-        segment: [{"id": int(q), "token": token_of(int(q)), "nearest_base": answers[int(q)]} for q in ids]
+        segment: [{"id": int(q), "token": token_of(int(q)),
+                   **({} if counts is None else {"training_count": int(counts[q - n_base])}), "nearest_base": answers[int(q)]}
+                  for q in ids]
         for segment, ids in segments.items()
     }
     meta = {"queries_per_segment": NEIGHBOR_QUERIES_PER_SEGMENT, "k": NEIGHBOR_K,
@@ -255,7 +256,7 @@ def _jsonable(value):
 
 
 def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0, pairs_file=None,
-               groups=None, group_names=None):
+               groups=None, group_names=None, train_counts=None):
     """(summary, figure data, source-rank figure data or None, morphology figure data or None):
     the figures draw the same arrays the summary describes."""
     E_post, E_pre = _validate(E_post, base_vocab_size, E_pre, seed)
@@ -266,6 +267,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
                                           "give the tokenizer (--tokenizer, or a workdir with one)")
     n_rows, dim = E_post.shape
     n_base = int(base_vocab_size)
+    counts = seen_split.new_row_counts(train_counts, n_rows, n_base)
     token_of = _token_lookup(tokens)
     sizes = {"base": n_base, "new": n_rows - n_base}
 
@@ -274,7 +276,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
     full_spectra = {name: metrics.covariance_eigenvalues(moments[1], sizes[name]) for name, moments in full_moments.items()}
     pca, cumulative = _pca_section(full_spectra, sizes)
     isotropy, isotropy_meta = _isotropy_section(E_post, n_base, full_moments, full_spectra, seed)
-    neighbors, neighbors_meta = _neighbors_section(E_post, n_base, token_of, seed)
+    neighbors, neighbors_meta = _neighbors_section(E_post, n_base, token_of, seed, counts)
     pairwise, pair_samples, pairs_meta = _pairwise_section(E_post, n_base, seed)
     ranks, ranks_meta, figure_ranks = None, "not computed: no token names", None
     if tokens is not None:
@@ -285,13 +287,18 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
 
     # meta is filled last but kept as the first key, so it heads the file.
     summary = {"meta": None, "norms": _norms_section(norms, n_base), "isotropy": isotropy}
+    if counts is not None:
+        summary["norms"].update(seen_split.norms(norms[n_base:], counts))
     drift_base_cosines = None
     if E_pre is not None:
         cosines, distances = metrics.row_cosines(E_pre, E_post), metrics.row_distances(E_pre, E_post)
         summary["drift"] = {
-            "base": _drift_of(cosines[:n_base], distances[:n_base], 0, token_of),
-            "new": _drift_of(cosines[n_base:], distances[n_base:], n_base, token_of),
+            "base": _drift_of(cosines[:n_base], distances[:n_base], np.arange(n_base), token_of),
+            "new": _drift_of(cosines[n_base:], distances[n_base:], np.arange(n_base, n_rows), token_of),
         }
+        if counts is not None:
+            summary["drift"].update(seen_split.drift(cosines[n_base:], distances[n_base:], counts, n_base,
+                                                     lambda c, d, ids: _drift_of(c, d, ids, token_of)))
         drift_base_cosines = cosines[:n_base]
     summary["neighbors"] = neighbors
     summary["pca"] = pca
@@ -311,6 +318,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
         "seed": int(seed),
         "zero_rows": int(np.count_nonzero(norms == 0.0)),
         "tokens_given": tokens is not None,
+        "train_counts_given": counts is not None,
         "sampling": {
             "norms": "all rows",
             "drift": "all rows" if E_pre is not None else "not computed: no E_pre",
@@ -355,7 +363,7 @@ def _summarize(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = Non
 
 
 def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, seed: int = 0,
-            pairs_file=None, groups=None, group_names=None) -> dict:
+            pairs_file=None, groups=None, group_names=None, train_counts=None) -> dict:
     """The embedding-space analysis of a trained table, as a JSON-ready dict.
 
     Args:
@@ -373,13 +381,16 @@ def analyze(E_post, base_vocab_size: int, *, E_pre=None, tokens: Tokens = None, 
         separation, on E_post and (with E_pre) on E_pre.
       group_names: optional {"morph": [...], "device": [...]} labels of those groups
         (alignment_data's stats["group_names"]); numbered otherwise.
+      train_counts: optional per-new-row occurrences in the training blocks (or one count per
+        row); adds norms.new_seen / new_unseen, drift.new_seen / new_unseen (None for an
+        empty group) and each neighbour query's training_count (analysis.seen_split).
 
     Returns the summary with keys meta, norms, isotropy, drift (with E_pre), neighbors, pca,
     pairwise_cosine (see ../shared/ORIGINAL.md and the conventions recorded in meta),
     source_rank (null without tokens), and morphology (only with groups).
     """
-    summary, _, _, _ = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed,
-                                  pairs_file=pairs_file, groups=groups, group_names=group_names)
+    summary, _, _, _ = _summarize(E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed, pairs_file=pairs_file,
+                                  groups=groups, group_names=group_names, train_counts=train_counts)
     return summary
 
 
@@ -395,7 +406,7 @@ def write_summary(summary: dict, path) -> None:
 
 def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: Tokens = None, seed: int = 0,
                  source: Mapping | None = None, pairs_file=None, groups=None, group_names=None,
-                 vs_base: Mapping | None = None) -> dict:
+                 vs_base: Mapping | None = None, train_counts=None) -> dict:
     """analyze(), then writes out_dir/summary.json, out_dir/embedding_analysis.png, with
     token names out_dir/source_ranks.png, and with groups out_dir/morphology.png.
 
@@ -405,7 +416,7 @@ def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: T
     """
     summary, figure_data, source_rank_figure, morphology_figure = _summarize(
         E_post, base_vocab_size, E_pre=E_pre, tokens=tokens, seed=seed, pairs_file=pairs_file, groups=groups,
-        group_names=group_names)
+        group_names=group_names, train_counts=train_counts)
     if source is not None:
         summary["meta"]["source"] = _jsonable(dict(source))
     if vs_base is not None:
@@ -420,24 +431,3 @@ def run_analysis(E_post, base_vocab_size: int, out_dir, *, E_pre=None, tokens: T
         plot_morphology(morphology_figure, out_dir / MORPHOLOGY_FIGURE_FILENAME)
     return summary
 
-
-def generation_usage_headline(workdir) -> str:
-    """The new-token usage of W/generations.json, one line per sample."""
-    from wake2vec.models import generate  # the writer owns the file's name and format (and imports JAX)
-
-    path = pathlib.Path(workdir) / generate.GENERATIONS_JSON
-    if not path.is_file():
-        return f"new-token usage in generations: {path} not found (python -m experiments.generate --workdir=...)"
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record["distinct_new_all_temperatures"] is None:
-        return f"new-token usage in generations: not counted in {path} (no base vocabulary size)"
-    lines = [f"new-token usage in generations ({path}):"]
-    several = record["settings"].get("samples per temperature", 1) > 1
-    for entry in record["samples"]:
-        usage = entry["usage"]
-        share = "n/a" if usage["share_new"] is None else f"{usage['share_new']:.1%}"
-        label = f"temperature {entry['temperature']:g}" + (f", sample {entry['sample'] + 1}" if several else "")
-        lines.append(f"  {label}: {usage['new_tokens']} of {usage['generated_tokens']} "
-                     f"tokens new ({share}), {usage['distinct_new']} distinct")
-    lines.append(f"  distinct new tokens over all temperatures: {record['distinct_new_all_temperatures']}")
-    return "\n".join(lines)

@@ -64,6 +64,8 @@ def check_previous_workdir(cfg, flag: str, previous: str, command: str) -> None:
     here, there = pathlib.Path(cfg.workdir).resolve(), pathlib.Path(previous).resolve()
     if here == there:
         raise FlagError(f"--workdir and --{flag} are both {here}: each phase writes its own workdir; choose another --workdir")
+    if not there.is_dir():
+        raise PhaseInputError(f"--{flag}={previous}: no such directory; train it first ({command} --workdir={previous})")
     if not (there / records.CONFIG).is_file():
         raise PhaseInputError(f"--{flag}={previous}: no {records.CONFIG} there; train it first ({command} --workdir={previous})")
     # --phase1 names a Phase 1 run, --phase2 a Phase 2 run: another phase's record lacks what this one reads.

@@ -42,6 +42,7 @@ DEMO_PRESET = dict(phase2.DEMO_PRESET, max_steps=100, wake_lr=1e-2, lambda_devic
 
 def validate_flags(cfg: Phase3Config) -> None:
     prepare.validate_run_flags(cfg)
+    phase2.check_previous_workdir(cfg, "phase2", cfg.phase2, "python -m experiments.train_p2")
     phase2.check_step_choice(cfg.phase2_step, "phase2_step")
     if cfg.lambda_device > 0 and not cfg.device_groups:
         raise FlagError(f"--lambda_device={cfg.lambda_device} needs --device_groups (a JSONL file, docs/groups.md); "
@@ -50,7 +51,6 @@ def validate_flags(cfg: Phase3Config) -> None:
         path = getattr(cfg, name)
         if path and not pathlib.Path(path).is_file():
             raise FlagError(f"--{name}={path}: no such file")
-    phase2.check_previous_workdir(cfg, "phase2", cfg.phase2, "python -m experiments.train_p2")
 
 
 def demo_preset(cfg: Phase3Config, explicitly_set: set[str]) -> Phase3Config:
@@ -166,7 +166,8 @@ def prepare_phase3(cfg: Phase3Config):
         from wake2vec.analysis import phases
 
         if cfg.analyze:
-            phases.write_phase3_report(workdir, state, table_start, record, spec, data, inputs.tokenizer)
+            phases.write_phase3_report(workdir, state, table_start, record, spec, data, inputs.tokenizer,
+                                       train_counts=train.training_counts(inputs.train_blocks, model_cfg.vocab_size))
         if cfg.generate_at_end:
             loop.generate_at_end(cfg, model_cfg, {**frozen_now, **state.trainable}, inputs.tokenizer, int(state.step),
                                  demo=p2.get("model_spec") == DEMO_SOURCE, base_size=base_size, lora_spec=spec)

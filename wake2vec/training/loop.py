@@ -115,12 +115,12 @@ def exclusive_workdir(workdir: pathlib.Path):
     with contextlib.ExitStack() as held:
         busy = None
         if hosts.is_writer():
-            workdir.mkdir(parents=True, exist_ok=True)
-            lock = held.enter_context(open(workdir / ".lock", "w"))
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
+                fcntl.flock(held.enter_context(records.open_lock(workdir)), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, records.OutputDirError) as e:
                 busy = e
+        if hosts.agree(isinstance(busy, records.OutputDirError)):
+            raise busy if busy is not None else records.OutputDirError(f"cannot write to {workdir}; pass a writable --workdir")
         if hosts.agree(busy is not None):
             raise WorkdirBusyError(f"{workdir} is in use by another wake2vec run; wait for it or choose another --workdir") from busy
         yield
@@ -428,7 +428,8 @@ def _analyze(workdir: pathlib.Path, table: np.ndarray, prepared: prepare.Prepare
     report.run_analysis(table, prepared.vocab_stats.base_size, workdir / "analysis",
                         E_pre=records.verified_npy(workdir / prepare.EMBEDDINGS_PRE, prepared.record.get("embeddings_pre_sha256"),
                                                  "rerun the same command: it rewrites the file from the run's sources"), tokens=tokens, seed=0,
-                        vs_base=base_cost.last_eval(records.read_metrics(workdir)))
+                        vs_base=base_cost.last_eval(records.read_metrics(workdir)),
+                        train_counts=train.training_counts(prepared.train_blocks, table.shape[0]))  # the eval's seen/unseen split
     logging.info("exporting the table for TensorBoard's Embedding Projector -> %s", workdir / tboard.LOGDIR)
     tboard.write_projector(workdir / tboard.LOGDIR, table, prepared.vocab_stats.base_size, tokens,
                            name=f"trained table, step {step}")

@@ -55,6 +55,15 @@ class OutputDirError(UserError, OSError):
     """A directory a command must write into cannot be created or written."""
 
 
+def open_lock(workdir: pathlib.Path):
+    """Creates workdir and opens its .lock for writing, or says the workdir is not writable."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return open(workdir / ".lock", "w")
+    except OSError as e:
+        raise OutputDirError(f"cannot write to {workdir} ({e.strerror}); pass a writable --workdir") from e
+
+
 class DerivedFileError(UserError, ValueError):
     """A file the run derived (embeddings_pre.npy, the tokenizer) is missing or no longer matches its hash."""
 
