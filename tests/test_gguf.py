@@ -284,3 +284,29 @@ def test_real_wake_lexicon_injection(smollm):
     assert [reference.convert_tokens_to_ids(w) for w in added] == list(range(49_152, 93_568))
     # An injected word is one token; in running text the space before it stays its own "Ġ".
     assert tokenizer.convert_ids_to_tokens(tokenizer(" riverrun")["input_ids"]) == ["Ġ", "riverrun"]
+
+
+def test_a_run_names_an_unusable_gguf_before_writing_anything(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    k_quant = write_gguf(folder / "k.gguf", tiny_hf(hidden_size=256, num_hidden_layers=1), embedding_type=Q.Q2_K)
+    (tmp_path / "text.txt").write_text("riverrun, past Eve and Adam's\n")
+    (tmp_path / "lexicon.txt").write_text("riverrun\n")
+
+    def train(model: pathlib.Path, workdir: pathlib.Path) -> str:
+        run = subprocess.run([sys.executable, "-m", "experiments.train_p1", f"--model={model}", f"--workdir={workdir}",
+                              f"--corpus={tmp_path / 'text.txt'}", f"--lexicon={tmp_path / 'lexicon.txt'}",
+                              "--max_steps=0"], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        # The workdir lock is the only thing there: no token cache, tokenizer or config was written.
+        assert [p.name for p in workdir.iterdir()] == [".lock"]
+        return run.stderr.strip().splitlines()[-1]
+
+    assert "'token_embd.weight' is stored as Q2_K" in train(k_quant, tmp_path / "w1")
+    assert train(folder, tmp_path / "w2") == (f"error: {folder} holds no config.json but k.gguf; "
+                                              f"pass the file itself, --model={k_quant}")

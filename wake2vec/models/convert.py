@@ -123,6 +123,10 @@ def read_config(ckpt_dir: pathlib.Path) -> ModelConfig:
         return gguf_model.read_config(ckpt_dir)
     config_path = ckpt_dir / "config.json"
     if not config_path.is_file():
+        ggufs = sorted(ckpt_dir.glob("*.gguf")) if ckpt_dir.is_dir() else []
+        if ggufs:  # a folder of downloaded .gguf files: the model is the file, not the folder
+            raise CheckpointFormatError(f"{ckpt_dir} holds no config.json but {ggufs[0].name}; pass the file itself, "
+                                        f"--model={ggufs[0]}")
         raise CheckpointFormatError(f"{ckpt_dir}: config.json is missing; a HF checkpoint directory needs one")
     try:
         hf = json.loads(config_path.read_text())

@@ -164,6 +164,11 @@ def hf_config_dict(path: str | os.PathLike) -> dict:
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The model's config, once every tensor is known to be readable: a run reads the config
+    first and writes its token cache and tokenizer next, so a file it cannot dequantize is
+    refused here, before anything lands in the workdir."""
+    for tensor in _reader(str(path)).tensors:
+        _checked_name(tensor, path)
     hf = {k: v for k, v in hf_config_dict(path).items() if v is not None or k.endswith("token_id")}
     return ModelConfig.from_hf_dict(hf, source=str(path))
 
@@ -187,6 +192,18 @@ def _hf_name(name: str, path) -> str:
     raise UnsupportedGGUFError(f"{path}: tensor {name!r} has no counterpart in wake2vec's Llama")
 
 
+def _checked_name(tensor, path) -> str:
+    """The tensor's HF name, refusing a tensor with no counterpart or a quant type not dequantized here."""
+    hf_name = _hf_name(tensor.name, path)
+    qtype = tensor.tensor_type.name
+    if qtype not in SUPPORTED_TYPES:
+        raise UnsupportedGGUFError(
+            f"{path}: tensor {tensor.name!r} is stored as {qtype}, which wake2vec does not dequantize; "
+            f"supported: {', '.join(SUPPORTED_TYPES)} (re-quantize the model to one of them)"
+        )
+    return hf_name
+
+
 def iter_tensors(path: str | os.PathLike, names: frozenset[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 array in HF's layout), one tensor at a time; with `names`, only
     those tensors (the others are never dequantized)."""
@@ -194,15 +211,9 @@ def iter_tensors(path: str | os.PathLike, names: frozenset[str] | None = None) -
 
     cfg = read_config(path)
     for tensor in _reader(str(path)).tensors:
-        hf_name = _hf_name(tensor.name, path)
+        hf_name = _checked_name(tensor, path)
         if names is not None and hf_name not in names:
             continue
-        qtype = tensor.tensor_type.name
-        if qtype not in SUPPORTED_TYPES:
-            raise UnsupportedGGUFError(
-                f"{path}: tensor {tensor.name!r} is stored as {qtype}, which wake2vec does not dequantize; "
-                f"supported: {', '.join(SUPPORTED_TYPES)} (re-quantize the model to one of them)"
-            )
         # GGUF lists dimensions fastest-first; numpy's (out, in) is the reverse.
         shape = tuple(int(n) for n in reversed(tensor.shape))
         weight = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
