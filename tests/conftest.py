@@ -7,7 +7,10 @@ folder is absent (for example on a user's clone).
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
+import subprocess
 
 import pytest
 
@@ -30,3 +33,26 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real fixtures not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """mount_tmpfs("5m") -> a fresh tmpfs of that size, where this process may mount one
+    (root with CAP_SYS_ADMIN); skips otherwise. A real small file system is the only honest
+    way to see what a full disk does to a run, short of faking every call that writes."""
+    mounted: list[pathlib.Path] = []
+
+    def mount(size: str) -> pathlib.Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root")
+        point = tmp_path / f"tmpfs-{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import jax
 import jax.numpy as jnp
@@ -431,26 +430,10 @@ def test_disk_full_during_a_save_keeps_earlier_checkpoints(tmp_path, run, monkey
     resumed.close()
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 4 MiB tmpfs, where this process may mount one (root with CAP_SYS_ADMIN)."""
-    mount_point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def test_real_enospc_on_a_full_tmpfs(small_tmpfs, monkeypatch):
+def test_real_enospc_on_a_full_tmpfs(mount_tmpfs, monkeypatch):
     # 3.1 MB of random table: the first checkpoint fits in 4 MiB, the second cannot.
     state = tinyllama_state(rows=3_072, dim=256)
-    directory = small_tmpfs / "checkpoints"
+    directory = mount_tmpfs("4m") / "checkpoints"
     # Report room to spare, so the saves get past the pre-check and really write until
     # the file system refuses.
     monkeypatch.setattr(shutil, "disk_usage", fake_disk_usage(free=1 << 40))

@@ -575,3 +575,14 @@ def test_a_read_only_workdir_is_one_line_naming_the_flag(read_only_dir, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err[-2000:]
     assert re.fullmatch(r"error: cannot write to .*ro \(.*\); pass a writable --workdir", err.splitlines()[-1]), err[-2000:]
+
+
+def test_too_little_disk_for_two_checkpoints_is_one_line_and_nothing_else(mount_tmpfs):
+    # The demo's checkpoint is about 1.8 MB: a 5 MiB disk holds the token cache and the tables, not two of them.
+    workdir = mount_tmpfs("5m") / "w"
+    run = subprocess.run([sys.executable, "-m", "experiments.train_p1", f"--workdir={workdir}", "--max_steps=4"],
+                         cwd=REPO_ROOT, capture_output=True, text=True)
+    assert run.returncode == launcher.EXIT_USER_ERROR, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {workdir / 'checkpoints'}: ") and "room for two checkpoints" in last, last
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]  # an Orbax manager left open printed one at exit

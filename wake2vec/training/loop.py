@@ -241,13 +241,19 @@ def train_job(job: Job) -> RunResult:
     state_sharding = parallel.state_sharding(abstract, mesh, rows)
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
 
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep, abstract_state=abstract)
+    # The disk check comes before the Checkpointer, and a failed restore closes it: an Orbax
+    # manager left open at exit prints a thread traceback under the one-line error.
     one = checkpoint.checkpoint_nbytes(abstract)
     logging.info("checkpoints: %s", checkpoint.check_disk_space(workdir / "checkpoints", one, cfg.keep))
-
-    committed = ckpt.all_steps()
-    loss_scale.check_resumable(ckpt.recorded_opt_state_paths(committed[-1]) if committed else None, job.settings.loss_scale)
-    state = ckpt.restore_latest()
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep, abstract_state=abstract)
+    try:
+        committed = ckpt.all_steps()
+        loss_scale.check_resumable(ckpt.recorded_opt_state_paths(committed[-1]) if committed else None,
+                                   job.settings.loss_scale)
+        state = ckpt.restore_latest()
+    except BaseException:
+        ckpt.close()
+        raise
     if state is None:
         state = jax.jit(lambda t, f: train.init_state(t, f, tx), out_shardings=state_sharding)(trainable, frozen)
         start = 0
