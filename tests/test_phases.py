@@ -99,7 +99,7 @@ def test_phase2_refuses_other_settings_and_a_missing_phase1(phase1, phase2, tmp_
                      "--max_steps=6", "--eval_every=3", "--save_every=3", "--lora_rank=4")
     assert changed.returncode == 1 and "--lora_rank: 8 -> 4" in changed.stderr, changed.stderr[-2000:]
     missing = launch("train_p2", tmp_path / "p2", f"--phase1={tmp_path / 'nowhere'}", *FAST)
-    assert missing.returncode == 1 and "no config.json" in missing.stderr.splitlines()[-1]
+    assert missing.returncode == 1 and "no such directory; train it first" in missing.stderr.splitlines()[-1]
     same = launch("train_p2", phase1, f"--phase1={phase1}", *FAST)
     assert same.returncode == 1 and "each phase writes its own workdir" in same.stderr.splitlines()[-1]
     bad = launch("train_p2", tmp_path / "p2b", f"--phase1={phase1}", "--lora_targets=q_proj,w_proj", *FAST)
