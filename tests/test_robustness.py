@@ -492,12 +492,14 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(runs, tmp_path):
     shutil.copytree(runs["prepared"], workdir)
     original = snapshot(workdir)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.train_p1", f"--workdir={workdir}", *FAST, "--max_steps=1000"],
+        [sys.executable, "-m", "experiments.train_p1", f"--workdir={workdir}", *FAST, "--max_steps=100000"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
+    # Far more steps than can run before the signal lands, even when a loaded machine starves this reader:
+    # at 1,000 the run twice finished (exit 0) before SIGINT arrived.
     for line in proc.stderr:  # wait until training steps run
         seen.append(line)
-        if re.search(r"step \d+/1000", line):
+        if re.search(r"step \d+/100000", line):
             break
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=300)
