@@ -131,14 +131,13 @@ def phase1_training_counts(workdir: pathlib.Path, config: dict, n_rows: int) -> 
     phase1 = pathlib.Path(config["phase1"]["workdir"]) if "phase1" in config else workdir
     phase1_config = config if phase1 == workdir else records.read_config(phase1)
     expected = (phase1_config or {}).get("corpus_tokens_sha256")
-    for path in sorted(phase1.glob("corpus_tokens_*.npy")):
+    for path in sorted(phase1.glob("corpus_tokens_*.npy")) if expected is not None else []:
         ids = np.load(path)
-        if expected is not None and records.array_sha256(ids) == expected:
+        if records.array_sha256(ids) == expected:
             from wake2vec.training import data, train
 
             flags = phase1_config["flags"]
-            blocks = data.split_blocks(data.make_blocks(ids, flags["seq_len"]), flags["val_fraction"],
-                                       flags["split_shuffle_seed"])[0]
+            blocks = data.split_ids(ids, flags["seq_len"], flags["val_fraction"], flags["split_shuffle_seed"])[0]
             return train.training_counts(blocks, n_rows)
     logging.warning("no corpus token cache in %s matches its config.json: new rows are not split by training exposure", phase1)
     return None

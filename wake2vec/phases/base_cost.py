@@ -82,7 +82,7 @@ def measure(text: str, ids: np.ndarray, tokenizer, base_tokenizer, lexicon, base
             cfg, max_positions: int) -> Spans:
     """Both tokenizers' spans of the (capped, --eval_blocks) validation blocks, and the Wake-word weights."""
     offsets = _block_offsets(tokenizer, text, ids, cfg)
-    blocks = data.split_blocks(data.make_blocks(ids, cfg.seq_len), cfg.val_fraction, cfg.split_shuffle_seed)[1]
+    blocks = data.split_ids(ids, cfg.seq_len, cfg.val_fraction, cfg.split_shuffle_seed)[1]
     blocks = blocks[: len(offsets)]
     lexicon = set(lexicon)
     spans = np.asarray([s for s in word_spans(text) if text[s[0]:s[1]] in lexicon], np.int64).reshape(-1, 2)

@@ -237,8 +237,8 @@ def corpus_split(cfg: TrainConfig, base_tokenizer, tokenizer, words: list[str], 
     ids = corpus_ids(tokenizer, text, cache_dir, expected_ids_sha256)
     seg_report, resegmented = segmentation.measure(base_tokenizer, tokenizer, text, words, base_size, cfg.injection)
     logging.info("segmentation (%s): %s", cfg.injection, seg_report.as_dict())
-    train_blocks, val_blocks = data.split_blocks(data.make_blocks(ids, cfg.seq_len), cfg.val_fraction, cfg.split_shuffle_seed)
-    val_resegmented = data.split_blocks(data.make_blocks(resegmented, cfg.seq_len), cfg.val_fraction, cfg.split_shuffle_seed)[1]
+    train_blocks, val_blocks = data.split_ids(ids, cfg.seq_len, cfg.val_fraction, cfg.split_shuffle_seed)
+    val_resegmented = data.split_ids(resegmented, cfg.seq_len, cfg.val_fraction, cfg.split_shuffle_seed)[1]
     return ids, train_blocks, val_blocks, val_resegmented.astype(bool), seg_report
 
 

@@ -254,6 +254,12 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return order
 
 
+def split_ids(ids: np.ndarray, seq_len: int, val_fraction: float, shuffle_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) blocks of a token-id vector: make_blocks then split_blocks, the one rule every
+    phase, the base-model cost and the analysis CLI must apply alike to see the same blocks."""
+    return split_blocks(make_blocks(ids, seq_len), val_fraction, shuffle_seed)
+
+
 def train_batch(train_blocks: np.ndarray, step: int, *, seed: int, batch_size: int, grad_accum: int) -> np.ndarray:
     """The (grad_accum, batch_size, seq_len) int32 blocks of optimizer step `step`.
 
