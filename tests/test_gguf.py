@@ -14,10 +14,12 @@ Two kinds of file:
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 
 import gguf
+import jax
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -209,6 +211,25 @@ def _float64_logits(hf, ids) -> np.ndarray:
             p.data = p.data.float()
 
 
+# XLA's CPU backend (jaxlib >= 0.8) by default lowers exp, log, tanh and the like to fast
+# platform approximations. On this model they put our float32 logits at 2.0e-4 (max) and 1.3e-5
+# (mean) from the float64 truth, against transformers' 1.1e-4 and 7.1e-6; with the option off,
+# 1.14e-4 and 9.6e-6. The parity below is about our arithmetic, so it compiles with XLA's exact
+# transcendentals; jaxlibs that predate the option have only those.
+_EXACT_TRANSCENDENTALS = {"xla_cpu_enable_platform_dependent_math": False}
+
+
+def _forward_exact_transcendentals(cfg, params, ids) -> np.ndarray:
+    forward = functools.partial(model.forward, cfg)
+    try:
+        logits = jax.jit(forward, compiler_options=_EXACT_TRANSCENDENTALS)(params, ids)
+    except jax.errors.JaxRuntimeError as error:
+        if "No such compile option" not in str(error):
+            raise
+        logits = jax.jit(forward)(params, ids)
+    return np.asarray(logits, np.float64)
+
+
 @pytest.mark.slow  # reads and dequantizes the real 4-bit SmolLM2 GGUF
 def test_real_logits_match_transformers_on_600_wake_tokens(smollm, smollm_hf):
     """Within float32 noise of the float64 truth, as transformers' own float32 forward is.
@@ -217,13 +238,14 @@ def test_real_logits_match_transformers_on_600_wake_tokens(smollm, smollm_hf):
     (transformers' float32 forward against its float64 one), so "1e-4 from transformers"
     cannot be a fixed bound here: both float32 implementations sit at that distance from
     the exact answer. The bound is transformers' own float32 error, measured on the same
-    input, with 50% headroom; ours measured 1.18e-4 against its 1.11e-4 (max), 9.9e-6
-    against 7.1e-6 (mean), and 1.23e-4 from transformers' float32 logits directly.
+    input, with 50% headroom; ours measured 1.14e-4 against its 1.11e-4 (max), 9.6e-6
+    against 7.1e-6 (mean), and 1.08e-4 from transformers' float32 logits directly
+    (jax 0.10.2, exact transcendentals: see _EXACT_TRANSCENDENTALS).
     """
     cfg, params, tokenizer = smollm
     ids = _wake_ids(tokenizer, 600)
     assert ids.shape == (1, 600)
-    ours = np.asarray(model.forward(cfg, params, ids), np.float64)
+    ours = _forward_exact_transcendentals(cfg, params, ids)
     theirs32 = hf_logits(smollm_hf, ids).astype(np.float64)
     exact = _float64_logits(smollm_hf, ids)
     their_error = np.abs(theirs32 - exact)
