@@ -87,6 +87,17 @@ def test_load_lexicon_refuses_inner_whitespace(tmp_path):
         vocab.load_lexicon(path)
 
 
+def test_lexicon_entries_of_punctuation_alone_are_left_out_with_a_warning(tmp_path, caplog):
+    """A token for "..." would swallow the text's own punctuation and teach no word."""
+    path = _write(tmp_path, "lex.txt", "riverrun\n...\n!!!\n\u2014\nvicus\nO'Connell\n3\n".encode("utf-8"))
+    with caplog.at_level("WARNING"):
+        assert vocab.load_lexicon(path) == ["riverrun", "vicus", "O'Connell", "3"]
+    assert "3 entries without a letter or digit left out ('...', '!!!', '\u2014')" in caplog.text
+    only_punctuation = _write(tmp_path, "dots.txt", b"...\n?!\n")
+    with pytest.raises(vocab.LexiconError, match=r"dots\.txt has no words"):
+        vocab.load_lexicon(only_punctuation)
+
+
 # ---------------------------------------------------------------- tokenizer loading
 
 
