@@ -337,6 +337,10 @@ CASES = [
     Case("export: not a workdir", "export", ("--workdir={T}", "--out={T}/hf"), 1, r"config\.json not found"),
     Case("export: no such step", "export", ("--workdir={W}", "--out={T}/hf", "--step=7"), 1, r"no committed checkpoint at step 7"),
     Case("export: out under a file", "export", ("--workdir={W}", "--out={W}/config.json/hf"), 1, r"cannot write to .*; pass a writable --out"),
+    # train_p2
+    Case("train_p2: mesh larger than the devices, preparing only", "train_p2",
+         ("--workdir={T}/p2", "--phase1={W}", "--max_steps=0", "--mesh=3,5"), 1,
+         r"--mesh='3,5' needs 15 devices but \d+ are available"),
     # train_p3
     Case("train_p3: no such --phase2", "train_p3", ("--workdir={T}/p3", "--phase2={T}/nope"), 1,
          r"--phase2=.*nope: no such directory; train it first \(python -m experiments\.train_p2"),
