@@ -11,11 +11,33 @@ import os
 import pathlib
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+_COMPILE_CACHE = "JAX_COMPILATION_CACHE_DIR"
+_OWN_COMPILE_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    """One XLA compilation cache for the whole session: the xdist workers and every launcher
+    they start inherit it, so a program that many tests compile (the demo's train, eval and
+    decode steps, at the same tiny shapes) is compiled once. It starts empty, so the tier's
+    time is a cold one, and goes when the session ends. The size bound turns on JAX's file
+    lock, which keeps a worker from reading an entry another is still writing."""
+    if _COMPILE_CACHE in os.environ:  # a worker (it inherits the controller's) or the user's own
+        return
+    _OWN_COMPILE_CACHE.append(tempfile.mkdtemp(prefix="wake2vec-tests-xla-"))
+    os.environ.update({_COMPILE_CACHE: _OWN_COMPILE_CACHE[0], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})
+
+
+def pytest_unconfigure(config):
+    for directory in _OWN_COMPILE_CACHE:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

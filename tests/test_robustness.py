@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from typing import Callable
 
 import numpy as np
@@ -513,6 +514,21 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(runs, tmp_path):
     after = snapshot(workdir)
     for rel in ("embeddings_pre.npy", "tokenizer/tokenizer.json", "demo_sources/base_model/model.safetensors"):
         assert after[rel] == original[rel], rel
+
+
+def test_the_first_ctrl_c_waits_for_the_step_boundary_and_the_second_interrupts():
+    from wake2vec.training import interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt.at_step_boundaries() as requested:
+        assert not requested()
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread at its next bytecode
+        time.sleep(0.05)
+        assert requested()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_preparing_then_training_is_not_a_config_change(runs):

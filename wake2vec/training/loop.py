@@ -28,8 +28,8 @@ import time
 import jax
 import numpy as np
 
-from wake2vec.training import (checkpoint, data, hosts, loss_scale, optim, parallel, precision, tboard, train,
-                               workdir as records)
+from wake2vec.training import (checkpoint, data, hosts, interrupt, loss_scale, optim, parallel, precision, tboard,
+                               train, workdir as records)
 from wake2vec.training import progress as progress_log
 from wake2vec.models import convert
 from wake2vec.models import padding
@@ -332,53 +332,56 @@ def train_job(job: Job) -> RunResult:
         logging.info("this run stopped early at step %d (%d evaluations without a lower validation loss); nothing to resume",
                      start, cfg.early_stop_patience)
     try:
-        for step in range(start, cfg.max_steps if not stopped else start):
-            started = time.perf_counter()
-            batch = data.train_batch(job.train_blocks, step, seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
-            state, metrics = jax.block_until_ready(step_fn(state, frozen, jax.device_put(batch, batch_sharding)))
-            step_s = time.perf_counter() - started
-            loss = float(metrics["loss"])
-            done = step + 1
-            if not bool(metrics["finite"]):
-                # The step left the state as it was (train.make_train_step), so no checkpoint
-                # ever holds a non-finite value and the latest committed one is good.
-                ckpt.wait()  # an async save in flight is the last good checkpoint once it commits
-                saved = ckpt.all_steps()
-                raise NonFiniteStepError(
-                    f"step {done}: not finite (loss {loss}, gradient norm {float(metrics['grad_norm'])}, or the "
-                    f"update); the step was not applied and nothing from it was saved. The last good checkpoint is "
-                    f"step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
-                    "(fp16 overflows easily), then rerun with --allow_config_change to resume from it")
-            if bool(metrics.get("skipped", False)):
-                # An fp16 overflow of the loss scale: the optimiser skipped the update and halved the scale.
-                logging.warning("step %d: the gradient overflowed float16 at loss scale %g; update skipped, scale halved",
-                                done, float(metrics["loss_scale"]))
-                log_event({"step": done, "skipped": True, "loss_scale": float(metrics["loss_scale"])})
-            progress.note_step(loss, step_s, {k: float(v) for k, v in metrics.get("terms", {}).items()})
-            is_last = done == cfg.max_steps
-            logged = False
-            if done % cfg.log_every == 0 or done % cfg.save_every == 0 or is_last:
-                log_event({**progress.flush(done, float(metrics["lr"])), **_step_fields(metrics)})
-                logged = True
-            val_loss = None
-            if done % cfg.eval_every == 0 or is_last:
-                fields, eval_s = _timed(evaluate, state.trainable)
-                val_loss = last_val = fields["val_loss"]
-                eval_events.append(fields)
-                log_event({**progress.note_eval(done, val_loss, eval_s), **fields})
-                stopped = bool(cfg.early_stop_patience) and _evals_since_best(eval_events) >= cfg.early_stop_patience
-            if stopped and not logged:  # a save step is a log step: the resumed run's windows start here
-                log_event({**progress.flush(done, float(metrics["lr"])), **_step_fields(metrics)})
-            if done % cfg.save_every == 0 or is_last or stopped:
-                _, save_s = _timed(lambda: ckpt.save(state, val_loss=val_loss))
-                log_event(progress.note_save(done, save_s))
-            if cfg.snapshot_every and done % cfg.snapshot_every == 0:
-                records.atomic_save_npy(workdir / "snapshots" / f"embeddings_step_{done}.npy", _trained_table(state, vocab_size))
-            if stopped:
-                logging.info("step %d: early stop, %d evaluations without a lower validation loss (--early_stop_patience)",
-                             done, cfg.early_stop_patience)
-                log_event({"step": done, "early_stop": True})
-                break
+        with interrupt.at_step_boundaries() as interrupt_requested:
+            for step in range(start, cfg.max_steps if not stopped else start):
+                if interrupt_requested():
+                    raise KeyboardInterrupt
+                started = time.perf_counter()
+                batch = data.train_batch(job.train_blocks, step, seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+                state, metrics = jax.block_until_ready(step_fn(state, frozen, jax.device_put(batch, batch_sharding)))
+                step_s = time.perf_counter() - started
+                loss = float(metrics["loss"])
+                done = step + 1
+                if not bool(metrics["finite"]):
+                    # The step left the state as it was (train.make_train_step), so no checkpoint
+                    # ever holds a non-finite value and the latest committed one is good.
+                    ckpt.wait()  # an async save in flight is the last good checkpoint once it commits
+                    saved = ckpt.all_steps()
+                    raise NonFiniteStepError(
+                        f"step {done}: not finite (loss {loss}, gradient norm {float(metrics['grad_norm'])}, or the "
+                        f"update); the step was not applied and nothing from it was saved. The last good checkpoint is "
+                        f"step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
+                        "(fp16 overflows easily), then rerun with --allow_config_change to resume from it")
+                if bool(metrics.get("skipped", False)):
+                    # An fp16 overflow of the loss scale: the optimiser skipped the update and halved the scale.
+                    logging.warning("step %d: the gradient overflowed float16 at loss scale %g; update skipped, scale halved",
+                                    done, float(metrics["loss_scale"]))
+                    log_event({"step": done, "skipped": True, "loss_scale": float(metrics["loss_scale"])})
+                progress.note_step(loss, step_s, {k: float(v) for k, v in metrics.get("terms", {}).items()})
+                is_last = done == cfg.max_steps
+                logged = False
+                if done % cfg.log_every == 0 or done % cfg.save_every == 0 or is_last:
+                    log_event({**progress.flush(done, float(metrics["lr"])), **_step_fields(metrics)})
+                    logged = True
+                val_loss = None
+                if done % cfg.eval_every == 0 or is_last:
+                    fields, eval_s = _timed(evaluate, state.trainable)
+                    val_loss = last_val = fields["val_loss"]
+                    eval_events.append(fields)
+                    log_event({**progress.note_eval(done, val_loss, eval_s), **fields})
+                    stopped = bool(cfg.early_stop_patience) and _evals_since_best(eval_events) >= cfg.early_stop_patience
+                if stopped and not logged:  # a save step is a log step: the resumed run's windows start here
+                    log_event({**progress.flush(done, float(metrics["lr"])), **_step_fields(metrics)})
+                if done % cfg.save_every == 0 or is_last or stopped:
+                    _, save_s = _timed(lambda: ckpt.save(state, val_loss=val_loss))
+                    log_event(progress.note_save(done, save_s))
+                if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+                    records.atomic_save_npy(workdir / "snapshots" / f"embeddings_step_{done}.npy", _trained_table(state, vocab_size))
+                if stopped:
+                    logging.info("step %d: early stop, %d evaluations without a lower validation loss (--early_stop_patience)",
+                                 done, cfg.early_stop_patience)
+                    log_event({"step": done, "early_stop": True})
+                    break
     except BaseException as error:
         _close(ckpt, scalars, workdir, job.curve_title, failed=error)
         raise
