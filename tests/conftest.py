@@ -30,6 +30,12 @@ def pytest_configure(config):
     lock, which keeps a worker from reading an entry another is still writing."""
     if _COMPILE_CACHE in os.environ:  # a worker (it inherits the controller's) or the user's own
         return
+    if "not slow" in (config.option.markexpr or ""):
+        # The fast tier's programs are tiny: compiling them costs more than running them, and
+        # LLVM's optimisation passes are most of the compile (test_lora.py: 95 -> 55 CPU-s).
+        # They change the machine code, not the HLO's arithmetic; the slow tier keeps XLA's defaults.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
     _OWN_COMPILE_CACHE.append(tempfile.mkdtemp(prefix="wake2vec-tests-xla-"))
     os.environ.update({_COMPILE_CACHE: _OWN_COMPILE_CACHE[0], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})

@@ -170,7 +170,7 @@ print("sharded round trip ok")
 
 def test_a_sharded_save_restores_with_its_shardings_and_loads_on_one_device(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
     saver = subprocess.run([sys.executable, "-c", _SHARDED_SAVER, str(tmp_path / "checkpoints")],
                            cwd=REPO, env=env, capture_output=True, text=True)
     assert saver.returncode == 0 and "sharded round trip ok" in saver.stdout, saver.stderr[-3000:]

@@ -45,7 +45,7 @@ def start(workdir: pathlib.Path, audit: pathlib.Path, devices: int, *extra: str,
           launcher: str = "train_p1", flags: list[str] = FLAGS) -> subprocess.Popen:
     """A launcher process whose stderr goes to a file beside its audit: a pipe nobody reads
     while we poll would fill (64 KB) and stall the run, which looked like a flaky timeout."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}")
     log = audit.with_suffix(".stderr")
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "tests.audited_launch", str(audit), launcher, "--",

@@ -9,10 +9,13 @@ import pytest
 from wake2vec.models import padding
 
 
-def test_padded_rows_round_up_to_128_per_model_shard():
+def test_padded_rows_round_up_to_what_128_and_the_model_shards_both_need():
     assert padding.padded_rows(76_500) == 76_544
     assert padding.padded_rows(128) == 128
-    assert padding.padded_rows(300, model_axis=4) == 512
+    assert padding.padded_rows(300, model_axis=4) == 384
+    # The demo's 1,474 rows: the same 1,536 on mesh 8,1 and on 1,8 (the 128 x |model| rule gave 1,1 x 2,048).
+    assert padding.padded_rows(1_474, model_axis=1) == padding.padded_rows(1_474, model_axis=8) == 1_536
+    assert padding.padded_rows(300, model_axis=3) == 384 and padding.padded_rows(400, model_axis=3) == 768
 
 
 def test_pad_then_unpad_is_the_identity_on_table_and_head():

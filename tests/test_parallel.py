@@ -16,7 +16,7 @@ from wake2vec.training import parallel
 
 @pytest.mark.slow  # 8-device meshes
 def test_data_and_model_meshes_match_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-m", "tests.mesh_equivalence"], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -70,7 +70,7 @@ def test_a_body_matrix_no_device_count_divides_is_replicated_with_a_warning():
         "tree = {'layers': {'w': np.zeros((2, 64, 100), np.float32), 'v': np.zeros((2, 60, 7), np.float32)}}\n"
         "s = parallel.frozen_sharding(tree, mesh)\n"
         "print(tuple(s['layers']['w'].spec), tuple(s['layers']['v'].spec))\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=6", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=6", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

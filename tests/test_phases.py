@@ -235,7 +235,7 @@ def test_phase3_early_stop_survives_a_resume(phase2, tmp_path):
 def test_phase2_step_on_a_mesh_equals_one_device():
     import os
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-m", "tests.mesh_equivalence", "lora"], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

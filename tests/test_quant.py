@@ -190,7 +190,7 @@ def test_frozen_dtype_flag_accepts_the_formats_and_names_them_when_wrong():
 def test_quantized_leaves_shard_and_gather_on_a_mesh():
     """4,2 of 8 forced host devices = one device with the same quantized body; every
     compressed 3-axis leaf split over all devices, and the gathers move int8 / uint8."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-m", "tests.mesh_equivalence", *quant.FORMATS], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -519,7 +519,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(runs, tmp_path):
 def test_the_first_ctrl_c_waits_for_the_step_boundary_and_the_second_interrupts():
     from wake2vec.training import interrupt
 
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a launcher's process (xdist workers differ)
     with interrupt.at_step_boundaries() as requested:
         assert not requested()
         os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread at its next bytecode
@@ -528,7 +528,7 @@ def test_the_first_ctrl_c_waits_for_the_step_boundary_and_the_second_interrupts(
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.signal(signal.SIGINT, before) is signal.default_int_handler
 
 
 def test_preparing_then_training_is_not_a_config_change(runs):

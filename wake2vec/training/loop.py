@@ -207,7 +207,7 @@ def train_job(job: Job) -> RunResult:
     workdir = pathlib.Path(cfg.workdir)
     mesh = parallel.make_mesh(cfg.mesh)  # its fit to the devices and the batch: the phase's validate
     rows = record.get("padded_vocab") or parallel.padded_vocab(job.model_cfg.vocab_size, mesh)
-    if rows % (padding.MULTIPLE * mesh.shape[parallel.MODEL]):
+    if rows % mesh.shape[parallel.MODEL]:  # a run padded under the older 128 x |model| rule resumes as it was
         raise FlagError(f"this run's table has {rows} rows, which do not split over a model axis of {mesh.shape[parallel.MODEL]}; resume with the original --mesh")
     base_size, vocab_size = job.base_size, job.model_cfg.vocab_size
     train_counts = train.training_counts(job.train_blocks, vocab_size)

@@ -17,7 +17,7 @@ The mesh has two axes, ('data', 'model'):
   larger than one device (Llama-3.1-8B: 16 GB in bf16) runs on 16 GB devices. Norm
   scales, a few KB per layer, stay replicated.
 
-The vocabulary is padded to a multiple of 128 x |model| so the table shards evenly and
+The vocabulary is padded to a multiple of lcm(128, |model|) so the table shards evenly and
 XLA tiles the head matmul cleanly; wake2vec.models.padding adds and cuts those rows and says
 why no statistic sees them.
 """
