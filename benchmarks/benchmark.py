@@ -11,8 +11,9 @@ by the 44,416 rows the Wake lexicon adds (mean_noise rows, the same values on bo
 
 Contenders, same shape, same random token batch, same machine, in one process:
 
-* wake2vec: the jitted `train.make_train_step` (embedding-only gradients, chunked loss,
-  partitioned Adafactor), exactly what experiments/train_p1 runs;
+* wake2vec: `train.make_train_step` (embedding-only gradients, chunked loss, partitioned
+  Adafactor) placed, jitted and compiled on the launcher's mesh by the launcher's own code
+  (`wake2vec.training.placement`; `--mesh` as the launchers'), exactly what experiments/train_p1 runs;
 * the original: transformers' `LlamaForCausalLM` in PyTorch with every weight frozen, the
   input embedding tied to the head as the only trainable tensor, transformers' Adafactor
   (scale_parameter=False, relative_step=False: HF Trainer's optim="adafactor"), grad clip 1.0.
@@ -21,10 +22,12 @@ Each memory policy is matched on both sides: `--remat=full` against HF's gradien
 checkpointing, `none` against none. Repetitions alternate between the two so that machine
 noise hits both alike, each after a short idle gap (and with OpenMP threads told not to
 spin) so that neither runs while the other's worker threads still hold the cores; the
-report gives medians with min/max of wall time and of the process's CPU-seconds (the
-figure that survives a shared machine: another job's time slices are not ours), the
-tokens/s ratio on both, wake2vec's achieved model FLOP/s against a float32 matmul peak
-measured in the same run, and how much of the machine other processes used meanwhile.
+report gives medians with min/max of wall time and, on a CPU, of the process's CPU-seconds
+(the figure that survives a shared machine: another job's time slices are not ours), the
+tokens/s ratio on both, wake2vec's achieved model FLOP/s against a matmul peak in the
+compute dtype measured in the same run, and how much of the machine other processes used
+meanwhile. On a GPU or TPU only wall time is reported: a step is timed until its whole
+output state is ready, and the host's CPU-seconds would count only its dispatch.
 
 FLOPs are counted analytically (`step_flops`), not taken from XLA's cost analysis: XLA
 counts the body of a `scan` once, and this step scans over layers and microbatches, so
@@ -39,6 +42,7 @@ import os
 # cores from whichever contender runs next. Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -69,12 +73,12 @@ _COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "float32", "wake2vec's mat
 _REMAT = flags.DEFINE_multi_enum(
     "remat", ["full", "none"], ["full", "dots", "none"],
     "wake2vec's remat policies, in turn; torch uses gradient checkpointing unless 'none'.")
+_MESH = flags.DEFINE_string("mesh", "", "wake2vec's 'data,model' mesh, as the launchers' --mesh; empty: their default.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch step (needs torch).")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 leaves torch's default.")
 _GAP = flags.DEFINE_float("gap", 0.5, "Idle seconds before each timed step, so neither contender inherits the other's busy threads.")
-_GGUF = flags.DEFINE_string(
-    "gguf", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "The model file of --shape=smollm2.")
+DEFAULT_GGUF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_GGUF = flags.DEFINE_string("gguf", DEFAULT_GGUF, "The model file of --shape=smollm2.")
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Only compile wake2vec's step and print XLA's FLOP and memory analysis (no timing).")
 
@@ -88,17 +92,31 @@ def _model_config(shape: dict):
                        tie_word_embeddings=True)
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> tuple[float, float]:
-    """Float32 matmul rate of this machine through XLA: (FLOP per wall second, per CPU-second).
+def on_cpu() -> bool:
+    """CPU-seconds are the honest figure on a shared CPU; on an accelerator they count only
+    the host's dispatch, so the reports keep them for the CPU alone."""
+    import jax
 
-    The 'peak' MFU is measured against. The benchmark samples it between the steps it times
-    (a few products per round), so that the peak sees the same machine load as the steps;
-    the per-CPU-second figure is the one a busy machine leaves honest.
+    return jax.default_backend() == "cpu"
+
+
+def matmul_peak_flops(dtype: str = "float32", size: int | None = None, repeats: int = 10) -> tuple[float, float]:
+    """The matmul rate of this machine through XLA in `dtype`: (FLOP per wall second, per CPU-second).
+
+    The 'peak' MFU is measured against, in the operands' dtype of the step's matmuls (the
+    compute dtype): a bf16 step held against an fp32 peak would flatter a GPU by its tensor
+    cores' factor and a CPU the other way. The benchmark samples it between the steps it
+    times (a few products per round), so that the peak sees the same machine load as the
+    steps; the per-CPU-second figure is the one a busy CPU leaves honest. The default size
+    is 2,048 on a CPU and 8,192 elsewhere, where a smaller product is mostly launch overhead.
     """
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((size, size), jnp.float32)
+    from wake2vec.config import dtype_from_name
+
+    size = size or (2048 if on_cpu() else 8192)
+    a = jnp.ones((size, size), dtype_from_name(dtype))
     dot = jax.jit(lambda x: x @ x)
     dot(a).block_until_ready()
     walls, cpus = [], []
@@ -107,64 +125,78 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> tuple[float, float
         dot(a).block_until_ready()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-    return 2 * size**3 / statistics.median(walls), 2 * size**3 / statistics.median(cpus)
+    return 2 * size**3 / statistics.median(walls), 2 * size**3 / max(statistics.median(cpus), 1e-9)
 
 
-def real_weights(shape: dict):
-    """(ModelConfig, host params) of --gguf with the table grown to shape["vocab"] rows (seeded mean_noise)."""
+def real_weights(shape: dict, gguf: str):
+    """(ModelConfig, host params) of the GGUF file with the table grown to shape["vocab"] rows (seeded mean_noise)."""
     from wake2vec.models import convert
     from wake2vec.tokens import vocab
 
-    cfg, params = convert.load_hf(_GGUF.value, as_numpy=True)
+    cfg, params = convert.load_hf(gguf, as_numpy=True)
     table = params.pop("embedding")
     params["embedding"] = vocab.grow_table(table, shape["vocab"] - table.shape[0], "mean_noise", seed=0)
     return cfg.replace(vocab_size=shape["vocab"], tie_word_embeddings=True), params
 
 
-def wake2vec_inputs(shape: dict):
-    """The model config, trainable and frozen weights, optimiser, schedule and token batch
-    for the shape: built once, shared by every remat policy's compiled step."""
+def token_batch(shape: dict, mesh):
+    """The shape's (accum, batch, seq) random token ids, seeded, split over the mesh as the loop splits a batch."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
+    from wake2vec.training import parallel
+
+    ids = np.random.default_rng(0).integers(0, shape["vocab"], (shape["accum"], shape["batch"], shape["seq"]))
+    return jax.device_put(ids.astype(np.int32), parallel.batch_sharding(mesh, 3, 1))
+
+
+def wake2vec_inputs(shape: dict, frozen_dtype: str = "float32", mesh: str = "", gguf: str = DEFAULT_GGUF):
+    """The model config, the weights placed on the launcher's mesh (`--mesh` spelling), the
+    optimiser, schedule and token batch for the shape: built once, shared by every remat
+    policy's compiled step."""
+    import jax
+    import jax.numpy as jnp
+
     from wake2vec.models import model
-    from wake2vec.training import optim, parallel
-    from wake2vec.models import padding
+    from wake2vec.training import optim, parallel, placement
     from wake2vec.config import TrainConfig, dtype_from_name
 
     cfg = _model_config(shape)
     if shape.get("real"):
-        cfg, host = real_weights(shape)
-        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype_from_name(_FROZEN_DTYPE.value)), host)
-        params["embedding"] = jnp.asarray(host["embedding"], jnp.float32)
+        cfg, params = real_weights(shape, gguf)
+        table = params.pop("embedding")
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype_from_name(frozen_dtype)), params)
+        params["embedding"] = jnp.asarray(table, jnp.float32)
     else:
-        params = model.init_params(cfg, jax.random.PRNGKey(0), dtype=dtype_from_name(_FROZEN_DTYPE.value))
+        params = model.init_params(cfg, jax.random.PRNGKey(0), dtype=dtype_from_name(frozen_dtype))
     tc = TrainConfig(max_steps=1000, grad_accum=shape["accum"], batch_size=shape["batch"], seq_len=shape["seq"])
-    rows = parallel.padded_vocab(cfg.vocab_size, parallel.make_mesh(""))
-    params.update(padding.pad(optim.split_params(params)[0], rows))
+    mesh = parallel.make_mesh(mesh)
     trainable, frozen = optim.split_params(params)
+    del params
     tx = optim.make_optimizer(tc, 32_000, cfg.vocab_size)
-    batch = jnp.asarray(
-        np.random.default_rng(0).integers(0, cfg.vocab_size, (shape["accum"], shape["batch"], shape["seq"])), jnp.int32)
-    return dict(cfg=cfg, trainable=trainable, frozen=frozen, tx=tx, schedule=optim.make_schedule(tc), batch=batch)
+    placed = placement.place(trainable, frozen, tx, mesh, parallel.padded_vocab(cfg.vocab_size, mesh))
+    return dict(cfg=cfg, placement=placed, trainable=placed.trainable, frozen=placed.frozen, tx=tx,
+                schedule=optim.make_schedule(tc), batch=token_batch(shape, mesh))
 
 
-def wake2vec_step(inputs: dict, remat: str):
-    """(run_one_step, the compiled step) under one remat policy; the state is donated step to step."""
+def wake2vec_step(inputs: dict, remat: str, compute_dtype: str = "float32"):
+    """(run_one_step, the compiled step) under one remat policy: the launcher's sharded step
+    (wake2vec.training.placement), the state donated step to step. A step is over when its
+    whole output state is ready, not only its loss: on an accelerator the optimiser's update
+    may still run after the loss is done."""
     import jax
 
-    from wake2vec.training import train
+    from wake2vec.training import placement, train
     from wake2vec.config import dtype_from_name
 
-    settings = train.StepSettings(inputs["cfg"], dtype_from_name(_COMPUTE_DTYPE.value), remat, loss_chunk=1024)
-    step = jax.jit(train.make_train_step(inputs["tx"], inputs["schedule"], settings), donate_argnums=(0,))
-    holder = {"state": train.init_state(inputs["trainable"], inputs["frozen"], inputs["tx"])}
-    compiled = step.lower(holder["state"], inputs["frozen"], inputs["batch"]).compile()
+    placed = inputs["placement"]
+    settings = train.StepSettings(inputs["cfg"], dtype_from_name(compute_dtype), remat, loss_chunk=1024)
+    holder = {"state": placement.initial_state(placed, inputs["tx"])}
+    compiled = placement.compile_train_step(train.make_train_step(inputs["tx"], inputs["schedule"], settings), placed,
+                                            holder["state"], inputs["batch"].shape)
 
     def run():
-        holder["state"], metrics = compiled(holder["state"], inputs["frozen"], inputs["batch"])
-        metrics["loss"].block_until_ready()
+        holder["state"], _ = jax.block_until_ready(compiled(holder["state"], placed.frozen, inputs["batch"]))
 
     return run, compiled
 
@@ -208,51 +240,83 @@ def describe_compiled(compiled, shape: dict, remat: str) -> str:
             f"{memory.temp_size_in_bytes / gb:.2f} GB")
 
 
-def torch_step(shape: dict):
+def compiled_peak_bytes(compiled) -> int:
+    """XLA's own account of the step's device memory: arguments + outputs + temporaries, less
+    the outputs that reuse donated arguments (the figure base_memory's tables quote)."""
+    memory = compiled.memory_analysis()
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes)
+
+
+def torch_step(shape: dict, *, gguf: str = DEFAULT_GGUF, threads: int = 0, device: str = "cpu", body_dtype=None,
+               autocast_dtype=None, attn_implementation: str | None = None):
     """The original pipeline's step: frozen LlamaForCausalLM, tied table trainable, HF Adafactor.
 
-    Returns make_run(remat): one model for both policies, gradient checkpointing switched on
-    for any remat but 'none' (HF's checkpointing recomputes each layer, as remat="full").
+    Returns make_run(remat, batch_shape=None): one model for every policy and batch shape
+    ((accum, batch, seq), default the shape's own), gradient checkpointing switched on for
+    any remat but 'none' (HF's checkpointing recomputes each layer, as remat="full").
+    `body_dtype` (a torch dtype) stores every weight but the table in it, the table staying
+    float32 as wake2vec keeps it; `autocast_dtype` runs the forward under torch.autocast, the
+    torch counterpart of wake2vec's compute dtype. On CUDA a step ends with a synchronize, so
+    its time is the device's, not the launch queue's.
     """
+    import contextlib
+
     import numpy as np
     import torch
     import transformers
     from transformers.optimization import Adafactor
 
-    if _THREADS.value:
-        torch.set_num_threads(_THREADS.value)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     if shape.get("real"):
-        llama = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(_GGUF.value), gguf_file=os.path.basename(_GGUF.value))
+        llama = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
         llama.resize_token_embeddings(shape["vocab"], mean_resizing=False)
         with torch.no_grad():  # the same grown table as wake2vec's
-            llama.get_input_embeddings().weight.copy_(torch.from_numpy(real_weights(shape)[1]["embedding"]))
+            llama.get_input_embeddings().weight.copy_(torch.from_numpy(real_weights(shape, gguf)[1]["embedding"]))
+        llama.to(device)
     else:
-        llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        config = transformers.LlamaConfig(
             vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["mlp"],
             num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-            max_position_embeddings=max(2048, shape["seq"]), tie_word_embeddings=True))
+            max_position_embeddings=max(2048, shape["seq"]), tie_word_embeddings=True)
+        with torch.device(device):  # initialised where it runs: no host copy of a 1.1B body
+            llama = transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation)
+    table = llama.get_input_embeddings().weight
+    if body_dtype is not None:
+        llama.to(body_dtype)
+        table.data = table.data.float()  # tied: the head is this same parameter
     llama.train()
     for param in llama.parameters():
         param.requires_grad_(False)
-    table = llama.get_input_embeddings().weight
     table.requires_grad_(True)
     assert llama.lm_head.weight is table  # tied: one unified matrix, as the reference run
     optimizer = Adafactor([table], lr=5e-4, scale_parameter=False, relative_step=False, warmup_init=False)
-    rng = np.random.default_rng(0)
-    micro = [torch.as_tensor(rng.integers(0, shape["vocab"], (shape["batch"], shape["seq"]))) for _ in range(shape["accum"])]
+    kind = torch.device(device).type
+    synchronize = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
 
-    def make_run(remat: str):
+    def forward_context():
+        return torch.autocast(kind, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+
+    def make_run(remat: str, batch_shape: tuple[int, int, int] | None = None):
+        accum, batch, seq = batch_shape or (shape["accum"], shape["batch"], shape["seq"])
+        rng = np.random.default_rng(0)
+        micro = [torch.as_tensor(rng.integers(0, shape["vocab"], (batch, seq)), device=device) for _ in range(accum)]
+
         def run():
             if remat == "none":
                 llama.gradient_checkpointing_disable()
             else:
                 llama.gradient_checkpointing_enable()
             for ids in micro:  # HF Trainer's gradient accumulation: scaled losses, summed grads
-                (llama(input_ids=ids, labels=ids).loss / shape["accum"]).backward()
+                with forward_context():
+                    loss = llama(input_ids=ids, labels=ids).loss / accum
+                loss.backward()
             torch.nn.utils.clip_grad_norm_([table], 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            synchronize()
 
         return run
 
@@ -288,51 +352,86 @@ def load_report(start, end, own_cpu_s: float) -> str:
             f"used {others:.0%} of its CPU time -> {verdict}")
 
 
-def _summary(name: str, walls: list[float], cpus: list[float], tokens: int) -> str:
-    wall, cpu = statistics.median(walls), statistics.median(cpus)
-    return (f"{name:9s} median {wall:.3f} s/step (min {min(walls):.3f}, max {max(walls):.3f}), "
-            f"{cpu:.2f} CPU-s/step (min {min(cpus):.2f}, max {max(cpus):.2f}): {tokens / wall:,.0f} tokens/s")
+def _summary(name: str, walls: list[float], cpus: list[float] | None, tokens: int) -> str:
+    wall = statistics.median(walls)
+    cpu = "" if cpus is None else (f", {statistics.median(cpus):.2f} CPU-s/step "
+                                   f"(min {min(cpus):.2f}, max {max(cpus):.2f})")
+    return (f"{name:9s} median {wall:.3f} s/step (min {min(walls):.3f}, max {max(walls):.3f}){cpu}: "
+            f"{tokens / wall:,.0f} tokens/s")
 
 
-def benchmark_policy(name: str, shape: dict, remat: str, ours, theirs) -> None:
-    """Times one shape under one matched memory policy and prints its report lines."""
-    tokens = shape["batch"] * shape["accum"] * shape["seq"]
-    contenders = {"wake2vec": ours}
-    if theirs is not None:
-        contenders["pytorch"] = theirs
+@dataclasses.dataclass
+class Timings:
+    """Per contender the wall and CPU seconds of each timed step, the peaks sampled between
+    rounds, and the busy-machine line of the timed stretch."""
+
+    walls: dict[str, list[float]]
+    cpus: dict[str, list[float]]
+    peaks: list[tuple[float, float]]
+    load: str
+
+    def median_wall(self, contender: str) -> float:
+        return statistics.median(self.walls[contender])
+
+    def peak(self) -> tuple[float, float]:
+        """(per wall second, per CPU-second): the medians over the rounds."""
+        wall, cpu = (statistics.median(p) for p in zip(*self.peaks))
+        return wall, cpu
+
+
+def time_contenders(contenders: dict, *, warmup: int, repeats: int, gap: float, peak) -> Timings:
+    """Warms each contender up, then times `repeats` alternating rounds (so that machine noise
+    hits both alike), each step after `gap` idle seconds; `peak()` is sampled once a round."""
     for run in contenders.values():
-        for _ in range(_WARMUP.value):
+        for _ in range(warmup):
             run()
-    repeats = _REPEATS.value or shape.get("repeats", 7)
     walls: dict[str, list[float]] = {name: [] for name in contenders}
     cpus: dict[str, list[float]] = {name: [] for name in contenders}
     peaks = []
     start, own_cpu = _machine_jiffies(), time.process_time()
     for _ in range(repeats):
-        for contender, run in contenders.items():  # alternate, so noise hits both alike
-            time.sleep(_GAP.value)  # let the other contender's worker threads go idle
+        for contender, run in contenders.items():
+            time.sleep(gap)  # let the other contender's worker threads go idle
             wall, cpu = time.perf_counter(), time.process_time()
             run()
             walls[contender].append(time.perf_counter() - wall)
             cpus[contender].append(time.process_time() - cpu)
-        peaks.append(matmul_peak_flops(repeats=3))  # the peak under the same load, round by round
+        peaks.append(peak())  # the peak under the same load, round by round
     end, own_cpu = _machine_jiffies(), time.process_time() - own_cpu
-    peak, peak_per_cpu = (statistics.median(p) for p in zip(*peaks))
+    return Timings(walls, cpus, peaks, load_report(start, end, own_cpu))
+
+
+def benchmark_policy(name: str, shape: dict, remat: str, ours, theirs, *, warmup: int, repeats: int, gap: float,
+                     compute_dtype: str) -> None:
+    """Times one shape under one matched memory policy and prints its report lines: wall and
+    CPU-seconds on a CPU, wall (device) time alone on an accelerator."""
+    tokens = shape["batch"] * shape["accum"] * shape["seq"]
+    contenders = {"wake2vec": ours}
+    if theirs is not None:
+        contenders["pytorch"] = theirs
+    cpu = on_cpu()
+    timings = time_contenders(contenders, warmup=warmup, repeats=repeats, gap=gap,
+                              peak=lambda: matmul_peak_flops(compute_dtype, repeats=3))
+    peak, peak_per_cpu = timings.peak()
     print(f"[{name}, remat={remat} vs {'HF gradient checkpointing' if remat != 'none' else 'no checkpointing'}, "
           f"{repeats} alternating repeats]")
-    print(load_report(start, end, own_cpu))
+    if cpu:
+        print(timings.load)
     for contender in contenders:
-        print(_summary(contender, walls[contender], cpus[contender], tokens))
-    med = {c: (statistics.median(walls[c]), statistics.median(cpus[c])) for c in contenders}
+        print(_summary(contender, timings.walls[contender], timings.cpus[contender] if cpu else None, tokens))
+    med = {c: (timings.median_wall(c), statistics.median(timings.cpus[c])) for c in contenders}
     if "pytorch" in med:
-        print(f"ratio wake2vec / pytorch tokens/s: {med['pytorch'][0] / med['wake2vec'][0]:.2f}x wall, "
-              f"{med['pytorch'][1] / med['wake2vec'][1]:.2f}x CPU-s")
+        ratio = f"ratio wake2vec / pytorch tokens/s: {med['pytorch'][0] / med['wake2vec'][0]:.2f}x wall"
+        print(ratio + (f", {med['pytorch'][1] / med['wake2vec'][1]:.2f}x CPU-s" if cpu else ""))
     flops, hardware = step_flops(shape, remat)
     achieved, per_cpu = flops / med["wake2vec"][0], flops / med["wake2vec"][1]
-    print(f"wake2vec: {flops / 1e9:.1f} GFLOP model FLOPs per step ({hardware / 1e9:.1f} with recompute), "
-          f"{achieved / 1e9:.1f} GFLOP/s achieved; float32 matmul peak measured now {peak / 1e9:.1f} GFLOP/s "
-          f"-> MFU {achieved / peak:.0%}; per CPU-second {per_cpu / 1e9:.1f} of {peak_per_cpu / 1e9:.1f} GFLOP "
-          f"-> {per_cpu / peak_per_cpu:.0%}", flush=True)
+    line = (f"wake2vec: {flops / 1e9:.1f} GFLOP model FLOPs per step ({hardware / 1e9:.1f} with recompute), "
+            f"{achieved / 1e9:.1f} GFLOP/s achieved; {compute_dtype} matmul peak measured now {peak / 1e9:.1f} GFLOP/s "
+            f"-> MFU {achieved / peak:.0%}")
+    if cpu:
+        line += (f"; per CPU-second {per_cpu / 1e9:.1f} of {peak_per_cpu / 1e9:.1f} GFLOP "
+                 f"-> {per_cpu / peak_per_cpu:.0%}")
+    print(line, flush=True)
 
 
 def main(argv):
@@ -343,13 +442,17 @@ def main(argv):
         shape = SHAPES[name]
         tokens = shape["batch"] * shape["accum"] * shape["seq"]
         print(f"shape {name}: {shape}; {tokens} tokens per step; devices {jax.devices()}", flush=True)
-        inputs = wake2vec_inputs(shape)
-        make_torch_run = torch_step(shape) if _TORCH.value and not _COMPILE_ONLY.value else None
+        inputs = wake2vec_inputs(shape, _FROZEN_DTYPE.value, _MESH.value, _GGUF.value)
+        print(f"mesh {dict(inputs['placement'].mesh.shape)}", flush=True)
+        make_torch_run = (torch_step(shape, gguf=_GGUF.value, threads=_THREADS.value)
+                          if _TORCH.value and not _COMPILE_ONLY.value else None)
         for remat in _REMAT.value:
-            ours, compiled = wake2vec_step(inputs, remat)
+            ours, compiled = wake2vec_step(inputs, remat, _COMPUTE_DTYPE.value)
             print(describe_compiled(compiled, shape, remat), flush=True)
             if not _COMPILE_ONLY.value:
-                benchmark_policy(name, shape, remat, ours, make_torch_run and make_torch_run(remat))
+                benchmark_policy(name, shape, remat, ours, make_torch_run and make_torch_run(remat),
+                                 warmup=_WARMUP.value, repeats=_REPEATS.value or shape.get("repeats", 7),
+                                 gap=_GAP.value, compute_dtype=_COMPUTE_DTYPE.value)
             del ours, compiled
             gc.collect()
         del inputs, make_torch_run

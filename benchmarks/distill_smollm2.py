@@ -10,7 +10,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 
 from wake2vec.models import convert
 from wake2vec.phases import distill, prepare

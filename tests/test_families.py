@@ -29,6 +29,8 @@ from wake2vec.models import convert, generate, model
 from wake2vec.training import train
 from wake2vec.config import ModelConfig, UnsupportedConfigError
 
+pytestmark = pytest.mark.accelerator  # re-run on a device by benchmarks.accelerator
+
 SEQ = 600
 TIE_MARGIN = 1e-5  # as tests/test_generate.py: far above the ~1e-7 logit difference
 

@@ -19,6 +19,8 @@ import pytest
 from tests.hf_oracle import hf_llama, hf_logits, save_checkpoint
 from wake2vec.models import convert, model
 
+pytestmark = pytest.mark.accelerator  # re-run on a device by benchmarks.accelerator
+
 SEQ = 600
 
 CASES = [

@@ -15,6 +15,8 @@ from wake2vec.models import model
 from wake2vec.training import optim, train
 from wake2vec.config import ModelConfig, TrainConfig
 
+pytestmark = pytest.mark.accelerator  # re-run on a device by benchmarks.accelerator
+
 TINY = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 BASE_ROWS = 200  # rows [0, 200) play the base vocabulary, [200, 300) the new words

@@ -28,10 +28,9 @@ import time
 import jax
 import numpy as np
 
-from wake2vec.training import (checkpoint, data, hosts, interrupt, loss_scale, optim, parallel, precision, tboard,
-                               train, workdir as records)
+from wake2vec.training import (checkpoint, data, hosts, interrupt, loss_scale, optim, parallel, placement, precision,
+                               tboard, train, workdir as records)
 from wake2vec.training import progress as progress_log
-from wake2vec.models import convert
 from wake2vec.models import padding
 from wake2vec.phases import base_cost, prepare
 from typing import Callable
@@ -223,11 +222,8 @@ def train_job(job: Job) -> RunResult:
     settings = job.settings
 
     # Host copies are consumed leaf by leaf as they move (TinyLlama's body: 4.4 GB in fp32).
-    frozen_host = padding.pad(job.frozen, rows)
-    frozen_sharding = parallel.frozen_sharding(frozen_host, mesh, rows)
-    frozen = convert.to_device(frozen_host, frozen_sharding)
-    trainable_host = padding.pad(job.trainable, rows)
-    trainable = convert.to_device(trainable_host, parallel.vocab_sharded_like(trainable_host, mesh, rows))
+    placed = placement.place(job.trainable, job.frozen, tx, mesh, rows)
+    frozen, abstract = placed.frozen, placed.abstract_state
     job.frozen = job.trainable = None
     char_cost = job.char_cost
     # (val blocks, T-1, K) weight columns the eval adds to its categories: the Wake-word costs, or none.
@@ -237,9 +233,6 @@ def train_job(job: Job) -> RunResult:
     if char_cost:
         char_cost.base = None  # scored: the host copy of the base rows is not needed again
 
-    abstract = jax.eval_shape(lambda t, f: train.init_state(t, f, tx), trainable, frozen)
-    state_sharding = parallel.state_sharding(abstract, mesh, rows)
-    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
 
     # The disk check comes before the Checkpointer, and a failed restore closes it: an Orbax
     # manager left open at exit prints a thread traceback under the one-line error.
@@ -255,7 +248,7 @@ def train_job(job: Job) -> RunResult:
         ckpt.close()
         raise
     if state is None:
-        state = jax.jit(lambda t, f: train.init_state(t, f, tx), out_shardings=state_sharding)(trainable, frozen)
+        state = placement.initial_state(placed, tx)
         start = 0
     else:
         start = int(state.step)
@@ -271,11 +264,9 @@ def train_job(job: Job) -> RunResult:
         records.append_metrics(workdir, event)
         if scalars is not None:
             scalars.add(event)
-    del trainable
+    placed.trainable = None  # the state holds its own copy
 
     batch_sharding = parallel.batch_sharding(mesh, 3, 1)
-    step_fn = parallel.jit_train_step(train.make_train_step(tx, schedule, settings, regularizer=job.regularizer),
-                                      mesh, state_sharding, frozen_sharding)
     eval_fn = jax.jit(train.make_eval_step(settings, base_size))
     train_counts_on_device = jax.device_put(train_counts, parallel.replicated(mesh))
     eval_ids_sharding, eval_weights_sharding = parallel.batch_sharding(mesh, 2, 0), parallel.batch_sharding(mesh, 1, 0)
@@ -290,9 +281,10 @@ def train_job(job: Job) -> RunResult:
     compile_started = time.perf_counter()
     batch_shape = (cfg.grad_accum, cfg.batch_size, job.train_blocks.shape[1])
     eval_shape = (cfg.batch_size, job.val_blocks.shape[1])
+    step_fn = placement.compile_train_step(train.make_train_step(tx, schedule, settings, regularizer=job.regularizer),
+                                           placed, state, batch_shape)
+    step_compile_s = time.perf_counter() - compile_started
     with jax.set_mesh(mesh):
-        step_fn = step_fn.lower(state, frozen, jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)).compile()
-        step_compile_s = time.perf_counter() - compile_started
         eval_fn = eval_fn.lower(
             state.trainable, frozen,
             jax.ShapeDtypeStruct(eval_shape, np.int32, sharding=eval_ids_sharding),
