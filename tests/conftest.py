@@ -35,7 +35,11 @@ def pytest_configure(config):
         # LLVM's optimisation passes are most of the compile (test_lora.py: 95 -> 55 CPU-s).
         # They change the machine code, not the HLO's arithmetic; the slow tier keeps XLA's defaults.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
+                                   " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+                                   " --xla_cpu_multi_thread_eigen=false").strip()
+        # One thread per process: the tier runs one worker per core, and each process's own thread
+        # pools (XLA's, torch's OpenMP) sized to every core would oversubscribe them.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     _OWN_COMPILE_CACHE.append(tempfile.mkdtemp(prefix="wake2vec-tests-xla-"))
     os.environ.update({_COMPILE_CACHE: _OWN_COMPILE_CACHE[0], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})
