@@ -247,3 +247,32 @@ def test_eta_is_the_median_step_plus_the_evals_and_saves_still_due():
     assert event["step_s"] == 11.0 and event["tokens_per_s"] == 64 / 11.0 and event["compile_s"] == 9.0
     progress.note_step(4.0, 2.0)
     assert "compile_s" not in progress.flush(4, lr=1e-3)  # reported once per launch
+
+
+def test_a_non_finite_step_mid_window_is_named_and_never_committed(tmp_path):
+    # The host reads a step's figures only at log/eval/save boundaries (step_window): a NaN at
+    # step 3 of a 5-step log window must still be named as step 3, before any save.
+    out = launch(tmp_path, "--max_steps=10", "--log_every=5", "--save_every=5", "--eval_every=10", "--lr=1e38",
+                 "--warmup_ratio=0.2", "--schedule=constant")
+    assert out.returncode != 0
+    assert "step 3: not finite" in out.stderr, out.stderr[-3000:]
+    assert "last good checkpoint is step none" in out.stderr
+    ckpts = tmp_path / "checkpoints"
+    assert not [p for p in (ckpts.iterdir() if ckpts.exists() else []) if p.name.isdigit() and int(p.name) >= 3]
+
+
+def test_the_step_window_names_its_first_non_finite_step():
+    import jax.numpy as jnp
+    from wake2vec.training import step_window
+
+    class Progress:
+        losses: list = []
+
+        def note_step(self, loss, seconds, terms):
+            self.losses.append(loss)
+
+    window = step_window.StepWindow()
+    for done, finite in ((1, True), (2, True), (3, False), (4, False), (5, True)):
+        window.add(done, {"loss": jnp.float32(done), "finite": jnp.bool_(finite)})
+    with pytest.raises(ValueError, match="^3$"):
+        window.resolve(Progress(), lambda e: None, lambda done, m: ValueError(str(done)))

@@ -31,6 +31,7 @@ import numpy as np
 from wake2vec.training import (checkpoint, data, hosts, interrupt, loss_scale, optim, parallel, placement, precision,
                                tboard, train, workdir as records)
 from wake2vec.training import progress as progress_log
+from wake2vec.training import step_window
 from wake2vec.models import padding
 from wake2vec.phases import base_cost, prepare
 from typing import Callable
@@ -323,34 +324,38 @@ def train_job(job: Job) -> RunResult:
     if stopped:
         logging.info("this run stopped early at step %d (%d evaluations without a lower validation loss); nothing to resume",
                      start, cfg.early_stop_patience)
+
+    def non_finite(done: int, metrics: dict) -> NonFiniteStepError:
+        # The step left the state as it was (train.make_train_step) and a boundary resolves its window before it saves.
+        ckpt.wait()  # an async save in flight is the last good checkpoint once it commits
+        saved = ckpt.all_steps()
+        return NonFiniteStepError(
+            f"step {done}: not finite (loss {float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}, or "
+            f"the update); the step was not applied and nothing from it was saved. The last good checkpoint is "
+            f"step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
+            "(fp16 overflows easily), then rerun with --allow_config_change to resume from it")
+
+    def put_batch(step: int):
+        return jax.device_put(data.train_batch(job.train_blocks, step, seed=cfg.seed, batch_size=cfg.batch_size,
+                                               grad_accum=cfg.grad_accum), batch_sharding)
+
+    window, end = step_window.StepWindow(), cfg.max_steps if not stopped else start
     try:
+        batch = put_batch(start) if start < end else None
         with interrupt.at_step_boundaries() as interrupt_requested:
-            for step in range(start, cfg.max_steps if not stopped else start):
+            for step in range(start, end):
                 if interrupt_requested():
                     raise KeyboardInterrupt
-                started = time.perf_counter()
-                batch = data.train_batch(job.train_blocks, step, seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
-                state, metrics = jax.block_until_ready(step_fn(state, frozen, jax.device_put(batch, batch_sharding)))
-                step_s = time.perf_counter() - started
-                loss = float(metrics["loss"])
+                # Dispatched, not awaited: batch k+1 is placed while step k runs; figures are read at boundaries (step_window).
+                state, device_metrics = step_fn(state, frozen, batch)
+                batch = put_batch(step + 1) if step + 1 < end else None
                 done = step + 1
-                if not bool(metrics["finite"]):
-                    # The step left the state as it was (train.make_train_step), so no checkpoint
-                    # ever holds a non-finite value and the latest committed one is good.
-                    ckpt.wait()  # an async save in flight is the last good checkpoint once it commits
-                    saved = ckpt.all_steps()
-                    raise NonFiniteStepError(
-                        f"step {done}: not finite (loss {loss}, gradient norm {float(metrics['grad_norm'])}, or the "
-                        f"update); the step was not applied and nothing from it was saved. The last good checkpoint is "
-                        f"step {saved[-1] if saved else 'none'}. Lower --lr, check --frozen_dtype/--compute_dtype "
-                        "(fp16 overflows easily), then rerun with --allow_config_change to resume from it")
-                if bool(metrics.get("skipped", False)):
-                    # An fp16 overflow of the loss scale: the optimiser skipped the update and halved the scale.
-                    logging.warning("step %d: the gradient overflowed float16 at loss scale %g; update skipped, scale halved",
-                                    done, float(metrics["loss_scale"]))
-                    log_event({"step": done, "skipped": True, "loss_scale": float(metrics["loss_scale"])})
-                progress.note_step(loss, step_s, {k: float(v) for k, v in metrics.get("terms", {}).items()})
+                window.add(done, device_metrics)
                 is_last = done == cfg.max_steps
+                if not (done % cfg.log_every == 0 or done % cfg.save_every == 0 or done % cfg.eval_every == 0 or is_last
+                        or (cfg.snapshot_every and done % cfg.snapshot_every == 0)):
+                    continue
+                metrics = window.resolve(progress, log_event, non_finite)
                 logged = False
                 if done % cfg.log_every == 0 or done % cfg.save_every == 0 or is_last:
                     log_event({**progress.flush(done, float(metrics["lr"])), **_step_fields(metrics)})
@@ -369,6 +374,7 @@ def train_job(job: Job) -> RunResult:
                     log_event(progress.note_save(done, save_s))
                 if cfg.snapshot_every and done % cfg.snapshot_every == 0:
                     records.atomic_save_npy(workdir / "snapshots" / f"embeddings_step_{done}.npy", _trained_table(state, vocab_size))
+                window.started = time.perf_counter()  # the boundary's evals and saves are no step time
                 if stopped:
                     logging.info("step %d: early stop, %d evaluations without a lower validation loss (--early_stop_patience)",
                                  done, cfg.early_stop_patience)
