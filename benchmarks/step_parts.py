@@ -33,6 +33,7 @@ from benchmarks import benchmark
 
 _PART_SHAPE = flags.DEFINE_enum("part_shape", "tinyllama", list(benchmark.SHAPES), "Shape whose step is taken apart.")
 _PART_REPEATS = flags.DEFINE_integer("part_repeats", 3, "Timed calls per part (after one untimed call).")
+_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 8, "Steps of the host-loop comparison (0 skips it).")
 
 
 def cpu_seconds(fn, *args) -> float:
@@ -115,6 +116,63 @@ def main(argv):
             run()
             times.append(time.process_time() - start)
         report(f"whole step, remat={remat} (model FLOPs)", statistics.median(times), step)
+    if _LOOP_STEPS.value:
+        host_loop_gap(inputs, _LOOP_STEPS.value)
+
+
+def host_loop_gap(inputs: dict, steps: int) -> None:
+    """The loop around the step, before and after the prefetch (wake2vec.training.loop):
+
+    * serial, as the loop ran before: build batch k on the host, place it, wait for step k,
+      read its loss and finiteness flag, then build batch k+1 (the device idles meanwhile);
+    * pipelined, as it runs now: dispatch step k, place batch k+1 while it runs, read every
+      step's figures at the end of the window in one transfer (step_window).
+
+    Wall seconds per step, median of three passes: the gap is idle time, which CPU-seconds
+    do not show. On a CPU the 'device' is the same cores, so the gap is small here; on an
+    accelerator it is the host's whole batch and read-back time per step.
+    """
+    import jax
+    import numpy as np
+
+    from wake2vec.config import dtype_from_name
+    from wake2vec.training import data, parallel, placement, train
+
+    placed = inputs["placement"]
+    settings = train.StepSettings(inputs["cfg"], dtype_from_name("float32"), "none", loss_chunk=1024)
+    accum, batch, seq = inputs["batch"].shape
+    blocks = np.random.default_rng(0).integers(0, inputs["cfg"].vocab_size, (64, seq)).astype(np.int32)
+    step = placement.compile_train_step(train.make_train_step(inputs["tx"], inputs["schedule"], settings), placed,
+                                        placement.initial_state(placed, inputs["tx"]), inputs["batch"].shape)
+    sharding = parallel.batch_sharding(placed.mesh, 3, 1)
+
+    def put(k: int):
+        return jax.device_put(data.train_batch(blocks, k, seed=0, batch_size=batch, grad_accum=accum), sharding)
+
+    def serial(state):
+        for k in range(steps):
+            state, metrics = jax.block_until_ready(step(state, placed.frozen, put(k)))
+            float(metrics["loss"]), bool(metrics["finite"])
+        return state
+
+    def pipelined(state):
+        pending, ids = [], put(0)
+        for k in range(steps):
+            state, metrics = step(state, placed.frozen, ids)
+            ids = put(k + 1) if k + 1 < steps else None
+            pending.append(metrics)
+        jax.device_get(pending)
+        return jax.block_until_ready(state)
+
+    state = placement.initial_state(placed, inputs["tx"])
+    for name, loop in (("serial (before)", serial), ("pipelined (now)", pipelined)):
+        state = loop(state)  # warm
+        walls = []
+        for _ in range(3):
+            start = time.perf_counter()
+            state = loop(state)
+            walls.append((time.perf_counter() - start) / steps)
+        print(f"host loop, {name:17s} {statistics.median(walls):7.3f} s/step wall over {steps} steps", flush=True)
 
 
 if __name__ == "__main__":
