@@ -126,7 +126,7 @@ def measure(shape: dict, config: Configuration, inputs: dict, make_torch_run, to
     if torch_device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ours, compiled = benchmark.wake2vec_step(
-        {**inputs, "batch": benchmark.token_batch(step_shape, inputs["placement"].mesh)}, config.remat, COMPUTE_DTYPE)
+        {**inputs, "batch": benchmark.token_batch(step_shape, inputs["placement"])}, config.remat, COMPUTE_DTYPE)
     theirs = make_torch_run(config.remat, (config.accum, config.batch, shape["seq"]))
     timings = benchmark.time_contenders({"wake2vec": ours, "pytorch": theirs}, warmup=1, repeats=steps,
                                         gap=0.5 if benchmark.on_cpu() else 0.0,

@@ -139,15 +139,13 @@ def real_weights(shape: dict, gguf: str):
     return cfg.replace(vocab_size=shape["vocab"], tie_word_embeddings=True), params
 
 
-def token_batch(shape: dict, mesh):
+def token_batch(shape: dict, placed):
     """The shape's (accum, batch, seq) random token ids, seeded, split over the mesh as the loop splits a batch."""
     import jax
     import numpy as np
 
-    from wake2vec.training import parallel
-
     ids = np.random.default_rng(0).integers(0, shape["vocab"], (shape["accum"], shape["batch"], shape["seq"]))
-    return jax.device_put(ids.astype(np.int32), parallel.batch_sharding(mesh, 3, 1))
+    return jax.device_put(ids.astype(np.int32), placed.batch_sharding)
 
 
 def wake2vec_inputs(shape: dict, frozen_dtype: str = "float32", mesh: str = "", gguf: str = DEFAULT_GGUF):
@@ -176,7 +174,7 @@ def wake2vec_inputs(shape: dict, frozen_dtype: str = "float32", mesh: str = "", 
     tx = optim.make_optimizer(tc, 32_000, cfg.vocab_size)
     placed = placement.place(trainable, frozen, tx, mesh, parallel.padded_vocab(cfg.vocab_size, mesh))
     return dict(cfg=cfg, placement=placed, trainable=placed.trainable, frozen=placed.frozen, tx=tx,
-                schedule=optim.make_schedule(tc), batch=token_batch(shape, mesh))
+                schedule=optim.make_schedule(tc), batch=token_batch(shape, placed))
 
 
 def wake2vec_step(inputs: dict, remat: str, compute_dtype: str = "float32"):

@@ -135,19 +135,16 @@ def host_loop_gap(inputs: dict, steps: int) -> None:
     import jax
     import numpy as np
 
-    from wake2vec.config import dtype_from_name
-    from wake2vec.training import data, parallel, placement, train
+    from wake2vec.training import data, placement
 
     placed = inputs["placement"]
-    settings = train.StepSettings(inputs["cfg"], dtype_from_name("float32"), "none", loss_chunk=1024)
+    _, step = benchmark.wake2vec_step(inputs, "none")  # the benchmark's compiled step; its own state is dropped
     accum, batch, seq = inputs["batch"].shape
     blocks = np.random.default_rng(0).integers(0, inputs["cfg"].vocab_size, (64, seq)).astype(np.int32)
-    step = placement.compile_train_step(train.make_train_step(inputs["tx"], inputs["schedule"], settings), placed,
-                                        placement.initial_state(placed, inputs["tx"]), inputs["batch"].shape)
-    sharding = parallel.batch_sharding(placed.mesh, 3, 1)
 
     def put(k: int):
-        return jax.device_put(data.train_batch(blocks, k, seed=0, batch_size=batch, grad_accum=accum), sharding)
+        return jax.device_put(data.train_batch(blocks, k, seed=0, batch_size=batch, grad_accum=accum),
+                              placed.batch_sharding)
 
     def serial(state):
         for k in range(steps):

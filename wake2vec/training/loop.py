@@ -234,7 +234,6 @@ def train_job(job: Job) -> RunResult:
     if char_cost:
         char_cost.base = None  # scored: the host copy of the base rows is not needed again
 
-
     # The disk check comes before the Checkpointer, and a failed restore closes it: an Orbax
     # manager left open at exit prints a thread traceback under the one-line error.
     one = checkpoint.checkpoint_nbytes(abstract)
@@ -267,7 +266,6 @@ def train_job(job: Job) -> RunResult:
             scalars.add(event)
     placed.trainable = None  # the state holds its own copy
 
-    batch_sharding = parallel.batch_sharding(mesh, 3, 1)
     eval_fn = jax.jit(train.make_eval_step(settings, base_size))
     train_counts_on_device = jax.device_put(train_counts, parallel.replicated(mesh))
     eval_ids_sharding, eval_weights_sharding = parallel.batch_sharding(mesh, 2, 0), parallel.batch_sharding(mesh, 1, 0)
@@ -337,7 +335,7 @@ def train_job(job: Job) -> RunResult:
 
     def put_batch(step: int):
         return jax.device_put(data.train_batch(job.train_blocks, step, seed=cfg.seed, batch_size=cfg.batch_size,
-                                               grad_accum=cfg.grad_accum), batch_sharding)
+                                               grad_accum=cfg.grad_accum), placed.batch_sharding)
 
     window, end = step_window.StepWindow(), cfg.max_steps if not stopped else start
     try:

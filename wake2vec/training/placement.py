@@ -40,6 +40,11 @@ class Placement:
     state_sharding: train.TrainState
     abstract_state: train.TrainState
 
+    @property
+    def batch_sharding(self):
+        """How a step's (accum, B, T) token batch is laid out: B over every device."""
+        return parallel.batch_sharding(self.mesh, 3, 1)
+
 
 def place(trainable_host: dict, frozen_host: dict, tx: optax.GradientTransformation, mesh: Mesh, rows: int) -> Placement:
     """Pads both trees to `rows` table rows and moves them onto `mesh`; the host trees are consumed."""
@@ -68,6 +73,6 @@ def compile_train_step(step_fn, placed: Placement, state: train.TrainState, batc
     traced into the program; the compiled step is then called with or without the mesh set.
     """
     jitted = parallel.jit_train_step(step_fn, placed.mesh, placed.state_sharding, placed.frozen_sharding)
-    batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=parallel.batch_sharding(placed.mesh, 3, 1))
+    batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=placed.batch_sharding)
     with jax.set_mesh(placed.mesh):
         return jitted.lower(state, placed.frozen, batch).compile()
