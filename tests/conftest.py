@@ -27,7 +27,10 @@ def pytest_configure(config):
     they start inherit it, so a program that many tests compile (the demo's train, eval and
     decode steps, at the same tiny shapes) is compiled once. It starts empty, so the tier's
     time is a cold one, and goes when the session ends. The size bound turns on JAX's file
-    lock, which keeps a worker from reading an entry another is still writing."""
+    lock, which keeps a worker from reading an entry another is still writing. Programs that
+    compile in under 0.1 s (the one-primitive programs of eager calls, hundreds per test) are
+    cheaper to compile again than to write, lock and read: caching them too cost test_train_p1,
+    test_quant and test_alignment 167 CPU-s against 141."""
     if _COMPILE_CACHE in os.environ:  # a worker (it inherits the controller's) or the user's own
         return
     if "not slow" in (config.option.markexpr or ""):
@@ -41,7 +44,7 @@ def pytest_configure(config):
         # pools (XLA's, torch's OpenMP) sized to every core would oversubscribe them.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     _OWN_COMPILE_CACHE.append(tempfile.mkdtemp(prefix="wake2vec-tests-xla-"))
-    os.environ.update({_COMPILE_CACHE: _OWN_COMPILE_CACHE[0], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    os.environ.update({_COMPILE_CACHE: _OWN_COMPILE_CACHE[0], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})
 
 

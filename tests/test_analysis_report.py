@@ -17,7 +17,6 @@ import math
 import pathlib
 import struct
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,8 +24,8 @@ import pytest
 from experiments import analyze as analyze_launcher
 from wake2vec import analysis
 from wake2vec.analysis import report
+from tests.launchers import run_here
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 N_BASE, N_NEW, DIM = 300, 200, 8
 DRIFTED_BASE = np.arange(100, 125)  # rows rotated between pre and post
 BASE_ANGLES = np.linspace(0.1, 1.3, DRIFTED_BASE.size)  # increasing: the last 20 are the top 20
@@ -239,14 +238,13 @@ def npy_tables(tables, tmp_path):
     return tmp_path
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.analyze", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+def _run_cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    return run_here(capsys, "analyze", *args)
 
 
-def test_cli_from_npy_files(npy_tables):
+def test_cli_from_npy_files(npy_tables, capsys):
     out = npy_tables / "out"
-    result = _run_cli(f"--post={npy_tables / 'post.npy'}", f"--pre={npy_tables / 'pre.npy'}",
+    result = _run_cli(capsys, f"--post={npy_tables / 'post.npy'}", f"--pre={npy_tables / 'pre.npy'}",
                       f"--base_vocab_size={N_BASE}", f"--out_dir={out}")
     assert result.returncode == 0, result.stderr
     written = _strict_load(out / "summary.json")
@@ -255,8 +253,8 @@ def test_cli_from_npy_files(npy_tables):
     assert _png_size(out / "embedding_analysis.png") == (1800, 1000)
 
 
-def test_cli_refuses_mismatched_tables(npy_tables):
-    result = _run_cli(f"--post={npy_tables / 'post.npy'}", f"--pre={npy_tables / 'short.npy'}",
+def test_cli_refuses_mismatched_tables(npy_tables, capsys):
+    result = _run_cli(capsys, f"--post={npy_tables / 'post.npy'}", f"--pre={npy_tables / 'short.npy'}",
                       f"--base_vocab_size={N_BASE}", f"--out_dir={npy_tables / 'out'}")
     assert result.returncode != 0
     assert "same table before and after training" in result.stderr

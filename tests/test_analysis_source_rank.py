@@ -11,11 +11,8 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import pathlib
 import re
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,8 +22,8 @@ from wake2vec.tokens import vocab
 from wake2vec.analysis import metrics, report, source_pairs, source_rank
 from wake2vec.analysis.source_pairs import SourcePair
 from wake2vec.demo.tokenizer import train_demo_tokenizer
+from tests.launchers import run_here
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,7 +293,7 @@ def test_builtin_pairs_in_the_wake_and_tinyllama(shared_data):
     assert {p.english for p in pairs if "▁" + p.english not in vocab} == {"misunderstood", "tomorrow", "commodious"}
 
 
-def test_launcher_pairs_flag_with_a_real_tokenizer(tmp_path):
+def test_launcher_pairs_flag_with_a_real_tokenizer(tmp_path, capsys):
     """--pairs through the launcher: a saved tokenizer gives the names; a bad file fails
     with its line, before any analysis is written."""
     tokenizer = train_demo_tokenizer("the mother and the brother of the summer river " * 20, vocab_size=300)
@@ -316,10 +313,8 @@ def test_launcher_pairs_flag_with_a_real_tokenizer(tmp_path):
     assert user["used"] == 2 and user["pairs"][0]["rank_post"] == 1 and user["pre"] is None
 
     (tmp_path / "bad.txt").write_text("meother mother\nriverrun\n", encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.analyze", f"--post={tmp_path / 'post.npy'}", f"--base_vocab_size={base}",
-         f"--pairs={tmp_path / 'bad.txt'}", f"--out_dir={tmp_path / 'bad'}"],  # the file is read first
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = run_here(capsys, "analyze", f"--post={tmp_path / 'post.npy'}", f"--base_vocab_size={base}",
+                      f"--pairs={tmp_path / 'bad.txt'}", f"--out_dir={tmp_path / 'bad'}")  # the file is read first
     assert result.returncode != 0
     assert f"{tmp_path / 'bad.txt'} line 2: expected two words 'WAKE ENGLISH', got 1" in result.stderr
     assert not (tmp_path / "bad" / "summary.json").exists()

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import ml_dtypes
@@ -24,13 +21,13 @@ from transformers import PreTrainedTokenizerFast
 
 from experiments import export_hf
 from tests.hf_oracle import torch, transformers
+from tests.launchers import run_here
 from wake2vec.training import checkpoint, optim, train
 from wake2vec.phases import runs
 from wake2vec.models import convert, model
 from wake2vec.tokens import vocab
 from wake2vec.config import ModelConfig, TrainConfig
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 BASE_WORDS = ["[UNK]"] + [f"w{i}" for i in range(59)]
 LEXICON = ["riverrun", "w3", "commodius", "vicus"]  # w3 is already a base token
 ROWS = 128  # padded table rows
@@ -146,13 +143,11 @@ def test_a_changed_source_is_refused_with_both_hashes(tmp_path):
         runs.load_params(workdir)
 
 
-def test_cli_exports_a_chosen_step_and_exits_non_zero_on_errors(tmp_path):
+def test_cli_exports_a_chosen_step_and_exits_non_zero_on_errors(tmp_path, capsys):
     workdir = make_workdir(tmp_path, source_tied=False, run_tied=False)
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
 
     def cli(*flags):
-        return subprocess.run([sys.executable, "-m", "experiments.export_hf", *flags],
-                              cwd=REPO, env=env, capture_output=True, text=True)
+        return run_here(capsys, "export", *flags)
 
     done = cli(f"--workdir={workdir}", f"--out={tmp_path / 'out'}", f"--step={STEP}")
     assert done.returncode == 0, done.stderr[-3000:]

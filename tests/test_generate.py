@@ -10,23 +10,19 @@ with a full (cache-free) forward pass.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.launchers import run_here
 from tests.hf_oracle import hf_greedy, hf_llama, save_checkpoint, torch, transformers
 from wake2vec.models import convert, generate, model
 from wake2vec.tokens import vocab
 from wake2vec.demo.tokenizer import train_demo_tokenizer
 from experiments import generate as generate_cli
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT_LEN = 7
 NEW_TOKENS = 24
 # On these models our float32 logits differ from transformers' by ~2e-7 (different
@@ -262,19 +258,16 @@ def test_every_sample_has_its_own_recorded_key_and_a_rerun_repeats_it(tied_model
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-def _run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.generate", *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+def _run_cli(capsys, *args):
+    return run_here(capsys, "generate", *args)
 
 
-def test_cli_writes_one_section_per_temperature(tied_model, tokenizer_dir, tmp_path):
+def test_cli_writes_one_section_per_temperature(tied_model, tokenizer_dir, tmp_path, capsys):
     model_dir, cfg, params = tied_model
     tokenizer = vocab.load_base_tokenizer(tokenizer_dir)
     prompt = "riverrun, past Eve and Adam's,"
     result = _run_cli(
+        capsys,
         f"--workdir={tmp_path / 'run'}", f"--model={model_dir}", f"--tokenizer={tokenizer_dir}",
         "--temperatures=0,0.8", "--max_new_tokens=12", f"--prompt={prompt}",
     )
@@ -298,23 +291,20 @@ def test_cli_writes_one_section_per_temperature(tied_model, tokenizer_dir, tmp_p
 @pytest.mark.parametrize(
     "flag,message", [("--temperatures=0.5,warm", "'warm' is not a number"), ("--temperatures=0.5,-2", "temperature=-2")]
 )
-def test_cli_rejects_bad_temperatures_before_loading(tmp_path, flag, message):
-    result = _run_cli(f"--workdir={tmp_path}", f"--model={tmp_path / 'absent'}", flag)
+def test_cli_rejects_bad_temperatures_before_loading(tmp_path, flag, message, capsys):
+    result = _run_cli(capsys, f"--workdir={tmp_path}", f"--model={tmp_path / 'absent'}", flag)
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "generations.md").exists()
 
 
-def test_cli_decodes_a_trained_run_from_its_workdir(tmp_path):
+def test_cli_decodes_a_trained_run_from_its_workdir(tmp_path, capsys):
     # The smallest demo run that leaves a committed checkpoint and the augmented tokenizer.
-    train = subprocess.run(
-        [sys.executable, "-m", "experiments.train_p1", f"--workdir={tmp_path}", "--seq_len=32", "--batch_size=2",
-         "--grad_accum=1", "--max_steps=2", "--save_every=2", "--eval_every=2", "--eval_blocks=2",
-         "--analyze=false", "--generate_at_end=false"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    train = run_here(capsys, "train", f"--workdir={tmp_path}", "--seq_len=32", "--batch_size=2", "--grad_accum=1",
+                     "--max_steps=2", "--save_every=2", "--eval_every=2", "--eval_blocks=2", "--analyze=false",
+                     "--generate_at_end=false")
     assert train.returncode == 0, train.stderr[-3000:]
-    result = _run_cli(f"--workdir={tmp_path}", "--temperatures=0", "--max_new_tokens=16")
+    result = _run_cli(capsys, f"--workdir={tmp_path}", "--temperatures=0", "--max_new_tokens=16")
     assert result.returncode == 0, result.stderr[-3000:]
     text = (tmp_path / "generations.md").read_text(encoding="utf-8")
     assert f"| model | run {tmp_path} |" in text and "| checkpoint step | 2 |" in text

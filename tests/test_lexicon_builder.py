@@ -5,7 +5,6 @@ from __future__ import annotations
 import pathlib
 import re
 import subprocess
-import sys
 import unicodedata
 
 import pytest
@@ -16,6 +15,7 @@ import transformers
 from wake2vec.tokens import lexicon_builder
 from wake2vec.demo import tokenizer as demo_tokenizer
 from wake2vec.tokens.lexicon_builder import LexiconEntry, build_lexicon, count_words, extract_words
+from tests.launchers import run_here
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "wake2vec" / "demo" / "data" / "sample.txt"
@@ -210,11 +210,8 @@ def tokenizer_dir(tmp_path_factory, sample_text) -> pathlib.Path:
     return path
 
 
-def run_launcher(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.build_lexicon", *flags],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-    )
+def run_launcher(capsys, *flags: str) -> subprocess.CompletedProcess:
+    return run_here(capsys, "lexicon", *flags)
 
 
 def expected_words(corpus: str, tokenizer, **kwargs) -> list[str]:
@@ -222,11 +219,11 @@ def expected_words(corpus: str, tokenizer, **kwargs) -> list[str]:
     return [e.word for e in entries]
 
 
-def test_launcher_writes_the_lexicon_and_a_report(tmp_path, tokenizer_dir):
+def test_launcher_writes_the_lexicon_and_a_report(tmp_path, tokenizer_dir, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
     out = tmp_path / "nested" / "lexicon.txt"
-    result = run_launcher(f"--corpus={corpus}", f"--tokenizer={tokenizer_dir}", f"--out={out}")
+    result = run_launcher(capsys, f"--corpus={corpus}", f"--tokenizer={tokenizer_dir}", f"--out={out}")
     assert result.returncode == 0, result.stderr
 
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
@@ -238,13 +235,14 @@ def test_launcher_writes_the_lexicon_and_a_report(tmp_path, tokenizer_dir):
     assert f"1. {expected[0]}  pieces=" in result.stdout
 
 
-def test_launcher_accepts_tokenizer_json_frequency_list_and_cap(tmp_path, tokenizer_dir):
+def test_launcher_accepts_tokenizer_json_frequency_list_and_cap(tmp_path, tokenizer_dir, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
     frequency = tmp_path / "freq.txt"
     frequency.write_text("hearthquake\t5\nthunderwordy 1\n", encoding="utf-8")
     out = tmp_path / "lexicon.txt"
     result = run_launcher(
+        capsys,
         f"--corpus={corpus}", f"--tokenizer={tokenizer_dir / 'tokenizer.json'}", f"--out={out}",
         f"--frequency_list={frequency}", "--max_words=2", "--min_pieces=2",
     )
@@ -268,7 +266,7 @@ def test_launcher_accepts_tokenizer_json_frequency_list_and_cap(tmp_path, tokeni
         (["--tokenizer={missing}"], "tokenizer path .*missing.txt does not exist"),
     ],
 )
-def test_launcher_fails_with_an_actionable_message(tmp_path, tokenizer_dir, flags, message):
+def test_launcher_fails_with_an_actionable_message(tmp_path, tokenizer_dir, flags, message, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
     bad_freq = tmp_path / "freq.txt"
@@ -279,7 +277,7 @@ def test_launcher_fails_with_an_actionable_message(tmp_path, tokenizer_dir, flag
     named = {flag.split("=")[0] for flag in given}
     args = given + [f"--{k}={v}" for k, v in defaults.items() if f"--{k}" not in named]
 
-    result = run_launcher(*args)
+    result = run_launcher(capsys, *args)
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "lexicon.txt").exists()
@@ -294,14 +292,14 @@ def test_injection_report_says_what_reference_injection_would_re_segment(demo_to
     assert "lexicon coverage 100.00% of multi-piece occurrences" in whole
 
 
-def test_launcher_refuses_an_existing_out_unless_overwrite(tmp_path, tokenizer_dir):
+def test_launcher_refuses_an_existing_out_unless_overwrite(tmp_path, tokenizer_dir, capsys):
     corpus, out = tmp_path / "corpus.txt", tmp_path / "mine.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
     out.write_text("the user's own file\n", encoding="utf-8")
-    refused = run_launcher(f"--corpus={corpus}", f"--tokenizer={tokenizer_dir}", f"--out={out}")
+    refused = run_launcher(capsys, f"--corpus={corpus}", f"--tokenizer={tokenizer_dir}", f"--out={out}")
     assert refused.returncode == 1 and "exists; pass --out=OTHER.txt, or --overwrite" in refused.stderr.splitlines()[-1]
     assert out.read_text(encoding="utf-8") == "the user's own file\n"
-    replaced = run_launcher(f"--corpus={corpus}", f"--tokenizer={tokenizer_dir}", f"--out={out}", "--overwrite")
+    replaced = run_launcher(capsys, f"--corpus={corpus}", f"--tokenizer={tokenizer_dir}", f"--out={out}", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert out.read_text(encoding="utf-8") != "the user's own file\n"
 

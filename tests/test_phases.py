@@ -1,4 +1,7 @@
-"""Integration: Phase 2 and Phase 3 launchers, as subprocesses, on a short demo Phase 1 run."""
+"""Integration: Phase 2 and Phase 3 launchers on a short demo Phase 1 run.
+
+They run in-process (tests.launchers.invoke), as their command lines run them; the kill and
+resume chains, which need a process to kill, run them as subprocesses."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.launchers import invoke, run_here
 from tests.test_train_p1 import kill_after_commit, read_jsonl
 
 P1_FAST = ["--seq_len=32", "--batch_size=2", "--grad_accum=2", "--log_every=2", "--eval_blocks=4", "--analyze=false",
@@ -22,8 +26,16 @@ TIMINGS = {"tokens_per_s", "step_s", "eval_s", "save_s", "compile_s"}
 
 
 def launch(launcher: str, workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+    """A launcher as a subprocess, for the chains that kill one."""
     return subprocess.run([sys.executable, "-m", f"experiments.{launcher}", f"--workdir={workdir}", *flags],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+def refusal(capsys, name: str, *args: str) -> str:
+    """The last line a launcher run in-process writes to stderr, after asserting it exited 1."""
+    done = run_here(capsys, name, *args)
+    assert done.returncode == 1, done.stderr[-2000:]
+    return done.stderr.splitlines()[-1]
 
 
 def untimed(events: list[dict]) -> list[dict]:
@@ -33,17 +45,15 @@ def untimed(events: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def phase1(tmp_path_factory) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("phases") / "p1"
-    done = launch("train_p1", workdir, *P1_FAST)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert invoke("train", f"--workdir={workdir}", *P1_FAST) == 0
     return workdir
 
 
 @pytest.fixture(scope="module")
 def phase2(phase1, tmp_path_factory) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("phases") / "p2"
-    done = launch("train_p2", workdir, f"--phase1={phase1}", "--phase1_step=latest", *FAST,
-                  "--max_steps=6", "--eval_every=3", "--save_every=3", "--analyze=true")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert invoke("train_p2", f"--workdir={workdir}", f"--phase1={phase1}", "--phase1_step=latest", *FAST,
+                  "--max_steps=6", "--eval_every=3", "--save_every=3", "--analyze=true") == 0
     return workdir
 
 
@@ -94,31 +104,30 @@ def test_phase2_sigkill_then_resume_is_bit_identical(phase1, tmp_path):
     assert untimed(read_jsonl(killed / "metrics.jsonl")) == untimed(read_jsonl(whole / "metrics.jsonl"))
 
 
-def test_phase2_refuses_other_settings_and_a_missing_phase1(phase1, phase2, tmp_path):
-    changed = launch("train_p2", phase2, f"--phase1={phase1}", "--phase1_step=latest", *FAST,
-                     "--max_steps=6", "--eval_every=3", "--save_every=3", "--lora_rank=4")
-    assert changed.returncode == 1 and "--lora_rank: 8 -> 4" in changed.stderr, changed.stderr[-2000:]
-    missing = launch("train_p2", tmp_path / "p2", f"--phase1={tmp_path / 'nowhere'}", *FAST)
-    assert missing.returncode == 1 and "no such directory; train it first" in missing.stderr.splitlines()[-1]
-    same = launch("train_p2", phase1, f"--phase1={phase1}", *FAST)
-    assert same.returncode == 1 and "each phase writes its own workdir" in same.stderr.splitlines()[-1]
-    bad = launch("train_p2", tmp_path / "p2b", f"--phase1={phase1}", "--lora_targets=q_proj,w_proj", *FAST)
-    assert bad.returncode == 1 and "--lora_targets" in bad.stderr.splitlines()[-1]
+def test_phase2_refuses_other_settings_and_a_missing_phase1(phase1, phase2, tmp_path, capsys):
+    schedule = [f"--phase1={phase1}", "--phase1_step=latest", *FAST, "--max_steps=6", "--eval_every=3", "--save_every=3"]
+    changed = refusal(capsys, "train_p2", f"--workdir={phase2}", *schedule, "--lora_rank=4")
+    assert "--lora_rank: 8 -> 4" in changed, changed
+    missing = refusal(capsys, "train_p2", f"--workdir={tmp_path / 'p2'}", f"--phase1={tmp_path / 'nowhere'}", *FAST)
+    assert "no such directory; train it first" in missing
+    same = refusal(capsys, "train_p2", f"--workdir={phase1}", f"--phase1={phase1}", *FAST)
+    assert "each phase writes its own workdir" in same
+    bad = refusal(capsys, "train_p2", f"--workdir={tmp_path / 'p2b'}", f"--phase1={phase1}", "--lora_targets=q_proj,w_proj",
+                  *FAST)
+    assert "--lora_targets" in bad
     # A shape change no checkpoint restores into: refused in one line before anything is recorded, flag or not.
+    # (In-process, a traceback would be an exception that fails the test.)
     record_before = (phase2 / "config.json").read_bytes()
-    reshaped = launch("train_p2", phase2, f"--phase1={phase1}", "--phase1_step=latest", *FAST,
-                      "--max_steps=6", "--eval_every=3", "--save_every=3", "--lora_rank=4", "--allow_config_change")
-    assert reshaped.returncode == 1, reshaped.stderr[-2000:]
-    assert "holds adapters of rank 8" in reshaped.stderr.splitlines()[-1] and "Traceback" not in reshaped.stderr
+    reshaped = refusal(capsys, "train_p2", f"--workdir={phase2}", *schedule, "--lora_rank=4", "--allow_config_change")
+    assert "holds adapters of rank 8" in reshaped, reshaped
     assert (phase2 / "config.json").read_bytes() == record_before
     # A rank above the adapted matrices' smaller side (the demo's hidden size is far below 100,000).
-    huge = launch("train_p2", tmp_path / "p2c", f"--phase1={phase1}", "--lora_rank=100000", *FAST)
-    assert huge.returncode == 1 and "--lora_rank=100000 exceeds" in huge.stderr.splitlines()[-1], huge.stderr[-2000:]
+    huge = refusal(capsys, "train_p2", f"--workdir={tmp_path / 'p2c'}", f"--phase1={phase1}", "--lora_rank=100000", *FAST)
+    assert "--lora_rank=100000 exceeds" in huge, huge
     assert not (tmp_path / "p2c" / "config.json").exists()
     # A Phase 2 workdir given as --phase1.
-    wrong = launch("train_p2", tmp_path / "p2d", f"--phase1={phase2}", *FAST)
-    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr, wrong.stderr[-2000:]
-    assert "is a Phase 2 run" in wrong.stderr.splitlines()[-1], wrong.stderr[-2000:]
+    wrong = refusal(capsys, "train_p2", f"--workdir={tmp_path / 'p2d'}", f"--phase1={phase2}", *FAST)
+    assert "is a Phase 2 run" in wrong, wrong
 
 
 def test_phase2_export_is_a_peft_adapter_and_a_merged_model(phase2, tmp_path):
@@ -131,9 +140,7 @@ def test_phase2_export_is_a_peft_adapter_and_a_merged_model(phase2, tmp_path):
     from wake2vec.models import model
 
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "experiments.export_hf", f"--workdir={phase2}", f"--out={out}"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert invoke("export", f"--workdir={phase2}", f"--out={out}") == 0
     cfg, params, _ = runs.load_params(phase2)
     spec = runs.lora_spec(json.loads((phase2 / "config.json").read_text()))
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
@@ -150,16 +157,11 @@ def test_phase2_export_is_a_peft_adapter_and_a_merged_model(phase2, tmp_path):
     np.testing.assert_allclose(merged_logits, ours, atol=1e-4)
 
 
-def test_phase2_generate_applies_the_adapters_and_analyze_points_to_phase1(phase2, tmp_path):
+def test_phase2_generate_applies_the_adapters_and_analyze_points_to_phase1(phase2, tmp_path, capsys):
     out = tmp_path / "gen.md"
-    done = subprocess.run([sys.executable, "-m", "experiments.generate", f"--workdir={phase2}", f"--out={out}",
-                           "--temperatures=0", "--max_new_tokens=6"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert invoke("generate", f"--workdir={phase2}", f"--out={out}", "--temperatures=0", "--max_new_tokens=6") == 0
     assert "checkpoint step" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["samples"]
-    analyzed = subprocess.run([sys.executable, "-m", "experiments.analyze", f"--workdir={phase2}"], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=600)
-    assert analyzed.returncode == 1 and "is a Phase 2 run" in analyzed.stderr.splitlines()[-1]
+    assert "is a Phase 2 run" in refusal(capsys, "analyze", f"--workdir={phase2}")
 
 
 def _groups_file(phase1: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
@@ -183,10 +185,9 @@ def test_phase3_keeps_the_base_rows_and_logs_each_term_apart(phase1, phase2, tmp
 
     groups_path = _groups_file(phase1, tmp_path / "groups.jsonl")
     workdir = tmp_path / "p3"
-    done = launch("train_p3", workdir, f"--phase2={phase2}", "--phase2_step=latest", f"--morpheme_groups={groups_path}",
-                  "--lambda_device=0", "--lambda_morph=50", "--wake_lr=1e-2", *FAST, "--max_steps=4", "--eval_every=2",
-                  "--save_every=2", "--analyze=true")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert invoke("train_p3", f"--workdir={workdir}", f"--phase2={phase2}", "--phase2_step=latest",
+                  f"--morpheme_groups={groups_path}", "--lambda_device=0", "--lambda_morph=50", "--wake_lr=1e-2", *FAST,
+                  "--max_steps=4", "--eval_every=2", "--save_every=2", "--analyze=true") == 0
     events = read_jsonl(workdir / "metrics.jsonl")
     trained = [e for e in events if "train_loss" in e]
     assert all({"train_morph", "train_rep", "train_norm", "train_device", "train_total"} <= set(e) for e in trained)
@@ -207,9 +208,7 @@ def test_phase3_keeps_the_base_rows_and_logs_each_term_apart(phase1, phase2, tmp
     assert (workdir / "analysis" / "morphology.png").stat().st_size > 0
     assert record["groups"]["morph_pairs_touching_trainable"] == 12
     # analyze on a Phase 3 run measures drift against the Phase 1 table it started from.
-    analyzed = subprocess.run([sys.executable, "-m", "experiments.analyze", f"--workdir={workdir}",
-                               f"--out_dir={tmp_path / 'again'}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert analyzed.returncode == 0, analyzed.stderr[-3000:]
+    assert invoke("analyze", f"--workdir={workdir}", f"--out_dir={tmp_path / 'again'}") == 0
     summary = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert summary["drift"]["base"]["l2"]["max"] == 0.0  # the base rows did not move
 

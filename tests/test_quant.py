@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from tests.conftest import REPO_ROOT
-from tests.test_train_p1 import final_table, launch, read_jsonl
+from tests.test_train_p1 import final_table, launch_here, read_jsonl
 from wake2vec.models import model, quant
 from wake2vec.training import optim, train
 from wake2vec.phases import prepare
@@ -154,12 +154,13 @@ def test_quantized_forward_equals_the_dequantized_float_forward(fmt):
     """The projections read the quantized leaves as the float32 kernel they stand for: the same
     values reach the same matmuls, so only XLA's fusion order can differ (float32 rounding; the
     logits are O(1), so 1e-5 is ~100 ulps)."""
+    forward = jax.jit(model.forward, static_argnums=0)  # one program per tree, not one per primitive
     body = quant.quantize_body(_params(), fmt)
     ids = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 33)))
-    quantized = model.forward(CFG, body, ids)
-    floats = model.forward(CFG, _dequantized(body), ids)
+    quantized = forward(CFG, body, ids)
+    floats = forward(CFG, _dequantized(body), ids)
     np.testing.assert_allclose(np.asarray(quantized), np.asarray(floats), rtol=0, atol=1e-5)
-    assert float(jnp.max(jnp.abs(quantized - model.forward(CFG, _params(), ids)))) > 1e-4  # it is quantized
+    assert float(jnp.max(jnp.abs(quantized - forward(CFG, _params(), ids)))) > 1e-4  # it is quantized
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
@@ -202,8 +203,8 @@ def test_quantized_leaves_shard_and_gather_on_a_mesh():
 
 # int8 in the fast tier; nf4 (the same launcher path, another format) in the slow one.
 @pytest.mark.parametrize("fmt", [pytest.param(f, marks=pytest.mark.slow) if f == "nf4" else f for f in quant.FORMATS])
-def test_launcher_trains_the_demo_with_a_quantized_body(tmp_path, fmt):
-    out = launch(tmp_path, "--max_steps=2", "--eval_every=2", "--save_every=2", f"--frozen_dtype={fmt}")
+def test_launcher_trains_the_demo_with_a_quantized_body(tmp_path, fmt, capsys):
+    out = launch_here(capsys, tmp_path, "--max_steps=2", "--eval_every=2", "--save_every=2", f"--frozen_dtype={fmt}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "config.json").read_text())["flags"]["frozen_dtype"] == fmt
     events = read_jsonl(tmp_path / "metrics.jsonl")

@@ -29,32 +29,18 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from experiments import analyze, build_lexicon, export_hf, generate as generate_cli, train_p1, train_p2, train_p3
+from experiments import export_hf, generate as generate_cli
 from tests.conftest import REPO_ROOT
+from tests.launchers import LAUNCHERS, invoke
 from wake2vec import launcher
 from wake2vec.training import workdir as records
-from wake2vec.config import Phase2Config, Phase3Config, TrainConfig
 
 FAST = ("--seq_len=32", "--batch_size=2", "--grad_accum=2", "--log_every=2", "--eval_blocks=4", "--eval_every=2",
         "--save_every=2", "--analyze=false", "--generate_at_end=false")
 TRAINED_STEPS = 2
 
-LAUNCHERS = {
-    "train": (TrainConfig, train_p1.run, train_p1.__doc__, train_p1.demo_preset),
-    "analyze": (analyze.AnalyzeConfig, analyze.run, analyze.__doc__, None),
-    "generate": (generate_cli.GenerateConfig, generate_cli.run, generate_cli.__doc__, None),
-    "export": (export_hf.ExportConfig, export_hf.run, export_hf.__doc__, None),
-    "lexicon": (build_lexicon.BuildLexiconConfig, build_lexicon.run, build_lexicon.__doc__, None),
-    "train_p2": (Phase2Config, train_p2.run, train_p2.__doc__, train_p2.demo_preset),
-    "train_p3": (Phase3Config, train_p3.run, train_p3.__doc__, train_p3.demo_preset),
-}
 # Files that are records of the invocation or caches, not results.
 NOT_RESULTS = {".lock", records.HASH_CACHE}
-
-
-def invoke(name: str, *args: str) -> int:
-    config_cls, command, doc, adjust = LAUNCHERS[name]
-    return launcher.main(config_cls, command, doc, [name, *args], adjust=adjust)
 
 
 def snapshot(workdir: pathlib.Path, *homes: pathlib.Path) -> dict[str, str]:

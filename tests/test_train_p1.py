@@ -1,4 +1,7 @@
-"""Integration: the real launcher, as a subprocess, on the embedded demo with a tiny schedule."""
+"""Integration: the real launcher on the embedded demo with a tiny schedule.
+
+The complete run and the kill chains start it as a subprocess, as a user does; the refusals and
+faults run it in-process (tests.launchers.invoke), which parses the same command line."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.launchers import run_here
 
 # A few seconds per run: short blocks, few steps, no analysis (tested on its own).
 FAST = ["--seq_len=32", "--batch_size=2", "--grad_accum=2", "--log_every=2", "--eval_blocks=4",
@@ -23,6 +27,11 @@ FAST = ["--seq_len=32", "--batch_size=2", "--grad_accum=2", "--log_every=2", "--
 def launch(workdir: pathlib.Path, *flags: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "experiments.train_p1", f"--workdir={workdir}", *FAST, *flags],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def launch_here(capsys, workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+    """`launch`, run in this process."""
+    return run_here(capsys, "train", f"--workdir={workdir}", *FAST, *flags)
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -76,6 +85,15 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
                for e in events if "val_loss" in e)
     table = (tmp_path / "loss_table.md").read_text().splitlines()
     assert table[0].startswith("| Step | Training Loss | Validation Loss | Val: new tokens (n) |") and len(table) == 5
+    # The demo's table shows the seen / unseen split and the run against the base model per character and word.
+    for column in ("Val: new, seen in training (n)", "Val: new, never in training (n)", "Val nats/char (base; Δ)",
+                   "Wake word nats, seen (base; n)", "Wake word nats, unseen (base; n)"):
+        assert f"| {column} |" in table[0], column
+    # The split is the data's, not the table's: the same counts at every evaluation (of the first
+    # --eval_blocks blocks; config.json counts every validation block).
+    assert len({(e["val_tokens_new_seen"], e["val_tokens_new_unseen"]) for e in evals}) == 1
+    assert evals[0]["val_tokens_new_unseen"] <= wake["val_new_targets_unseen"]
+    assert all(e["delta_nats_per_char"] == pytest.approx(e["val_nats_per_char"] - e["base_nats_per_char"]) for e in evals)
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     trained = final_table(tmp_path)
@@ -99,8 +117,8 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     assert "source rank among" in analysed.stderr and "new-token usage in generations" in analysed.stderr
 
 
-def test_max_steps_zero_prepares_and_exits(tmp_path):
-    out = launch(tmp_path, "--max_steps=0")
+def test_max_steps_zero_prepares_and_exits(tmp_path, capsys):
+    out = launch_here(capsys, tmp_path, "--max_steps=0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "config.json").is_file() and (tmp_path / "embeddings_pre.npy").is_file()
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
@@ -129,12 +147,12 @@ def test_changed_config_is_refused_then_accepted_with_the_flag(tmp_path):
     assert max(e["step"] for e in read_jsonl(tmp_path / "metrics.jsonl")) == 4
 
 
-def test_bad_input_fails_fast_with_a_message(tmp_path):
-    out = launch(tmp_path, "--corpus=/nonexistent/wake.txt")
+def test_bad_input_fails_fast_with_a_message(tmp_path, capsys):
+    out = launch_here(capsys, tmp_path, "--corpus=/nonexistent/wake.txt")
     assert out.returncode != 0 and "/nonexistent/wake.txt" in out.stderr
-    out = launch(tmp_path, "--model=/nonexistent/model", "--corpus=x", "--lexicon=y")
+    out = launch_here(capsys, tmp_path, "--model=/nonexistent/model", "--corpus=x", "--lexicon=y")
     assert out.returncode != 0 and "/nonexistent/model" in out.stderr
-    out = launch(tmp_path, "--optimizer=sgd")
+    out = launch_here(capsys, tmp_path, "--optimizer=sgd")
     assert out.returncode != 0 and "--optimizer='sgd'" in out.stderr
 
 
@@ -182,22 +200,22 @@ def test_sigkill_after_a_commit_then_resume_is_bit_identical(tmp_path):
     assert read_scalars(killed / "tensorboard") == expected_scalars(read_jsonl(killed / "metrics.jsonl"))
 
 
-def test_flagfile_is_honoured(tmp_path):
+def test_flagfile_is_honoured(tmp_path, capsys):
     flagfile = tmp_path / "run.flags"
     flagfile.write_text("--max_steps=0\n--eval_every=2\n--save_every=2\n--lr=0.002\n")  # preparing records them
-    out = launch(tmp_path / "w", f"--flagfile={flagfile}")
+    out = launch_here(capsys, tmp_path / "w", f"--flagfile={flagfile}")
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((tmp_path / "w" / "config.json").read_text())
     assert config["flags"]["lr"] == 0.002 and config["flags"]["max_steps"] == 0 and config["flags"]["eval_every"] == 2
 
 
-def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
+def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, capsys):
     import fcntl
 
     tmp_path.mkdir(exist_ok=True)
     with open(tmp_path / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # stands in for a live run
-        out = launch(tmp_path, "--max_steps=2")
+        out = launch_here(capsys, tmp_path, "--max_steps=2")
     assert out.returncode != 0 and "in use by another wake2vec run" in out.stderr
 
 
@@ -211,11 +229,11 @@ def test_relative_workdir(tmp_path):
     assert sorted(p.name for p in (tmp_path / "rel/run/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
 
 
-def test_a_non_finite_update_is_never_committed(tmp_path):
+def test_a_non_finite_update_is_never_committed(tmp_path, capsys):
     # An absurd rate after one step of warmup at lr 0: the loss stays finite (it is computed
     # before the update) while lr x update overflows the table. Before issue 11 that state was
     # committed and then named "the last good checkpoint".
-    out = launch(tmp_path, "--max_steps=6", "--save_every=1", "--eval_every=6", "--lr=3e38",
+    out = launch_here(capsys, tmp_path, "--max_steps=6", "--save_every=1", "--eval_every=6", "--lr=3e38",
                  "--warmup_ratio=0.2", "--schedule=constant")
     assert out.returncode != 0
     failed = int(out.stderr.split(": not finite (loss ")[0].rsplit("step ", 1)[1])
@@ -249,10 +267,10 @@ def test_eta_is_the_median_step_plus_the_evals_and_saves_still_due():
     assert "compile_s" not in progress.flush(4, lr=1e-3)  # reported once per launch
 
 
-def test_a_non_finite_step_mid_window_is_named_and_never_committed(tmp_path):
+def test_a_non_finite_step_mid_window_is_named_and_never_committed(tmp_path, capsys):
     # The host reads a step's figures only at log/eval/save boundaries (step_window): a NaN at
     # step 3 of a 5-step log window must still be named as step 3, before any save.
-    out = launch(tmp_path, "--max_steps=10", "--log_every=5", "--save_every=5", "--eval_every=10", "--lr=1e38",
+    out = launch_here(capsys, tmp_path, "--max_steps=10", "--log_every=5", "--save_every=5", "--eval_every=10", "--lr=1e38",
                  "--warmup_ratio=0.2", "--schedule=constant")
     assert out.returncode != 0
     assert "step 3: not finite" in out.stderr, out.stderr[-3000:]
