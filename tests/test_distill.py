@@ -67,6 +67,35 @@ def test_distill_is_deterministic():
     np.testing.assert_array_equal(a, b)
 
 
+def test_an_interrupted_distillation_resumes_to_the_uninterrupted_rows(tmp_path):
+    params, base, ctx = _setup([2, 3, 2, 3, 2, 1, 2, 3, 2])  # 9 words: batches of 4, 4 and 1
+    start = np.tile(base.mean(0), (9, 1))
+    quiet = dict(progress=lambda _: None)
+    whole = distill.distill(CFG, params, base, ctx, start, SETTINGS, **quiet)
+    path = tmp_path / "distill_progress.npz"
+
+    def stop(_line):  # a crash right after the first batch
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill.distill(CFG, params, base, ctx, start, SETTINGS, progress=stop, progress_file=path, save_every_s=0)
+    with np.load(path) as saved:
+        assert int(saved["done"]) == 4
+    lines = []
+    resumed = distill.distill(CFG, params, base, ctx, start, SETTINGS, progress=lines.append, progress_file=path,
+                              save_every_s=0)
+    assert resumed.resumed_rows == 4 and lines[0].startswith("distill: 4/9 rows read back")
+    for got, want in ((resumed.rows, whole.rows), (resumed.mse_before, whole.mse_before),
+                      (resumed.mse_after, whole.mse_after)):
+        np.testing.assert_array_equal(got, want)  # rows do not depend on the batch they are in
+    finished = distill.distill(CFG, params, base, ctx, start, SETTINGS, progress_file=path, **quiet)
+    assert finished.resumed_rows == 9
+    np.testing.assert_array_equal(finished.rows, whole.rows)
+    # Other inputs: the file is not theirs, and they start from the beginning.
+    other = distill.distill(CFG, params, base, ctx, start + 1e-3, SETTINGS, progress_file=path, **quiet)
+    assert other.resumed_rows == 0 and not np.array_equal(other.rows, whole.rows)
+
+
 @pytest.mark.slow
 def test_launcher_accepts_init_distill_on_the_demo(tmp_path):
     out = subprocess.run([sys.executable, "-m", "experiments.train_p1", f"--workdir={tmp_path}", "--model=demo",

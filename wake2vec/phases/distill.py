@@ -36,7 +36,10 @@ docs/distill.md gives the measurement behind the default.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
+import pathlib
 import re
 import time
 from typing import Callable, Sequence
@@ -46,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wake2vec.models import model
+from wake2vec.training import hosts
 from wake2vec.tokens import whole_word
 from wake2vec.config import ModelConfig
 
@@ -270,21 +274,72 @@ class Result:
     rows: np.ndarray  # (N, D) float32 distilled rows
     mse_before: np.ndarray  # (N,) at the starting rows
     mse_after: np.ndarray  # (N,)
-    seconds: float
+    seconds: float  # this call's, so a resumed call counts only the rows it distilled
+    resumed_rows: int = 0  # rows read back from the progress file instead of distilled again
+
+
+def fingerprint(base_table: np.ndarray, contexts: Contexts, init_rows: np.ndarray, settings: Settings) -> str:
+    """sha256 of everything the distilled rows are a function of (the frozen body is the run's, hash-checked)."""
+    digest = hashlib.sha256(repr(settings).encode())
+    for array in (base_table, init_rows, *(getattr(contexts, f.name) for f in dataclasses.fields(contexts))):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _read_progress(path: pathlib.Path | None, key: str, n: int):
+    """(rows, before, after, done) saved by an earlier call on the same inputs, or None."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as saved:
+            if str(saved["fingerprint"]) != key or saved["rows"].shape[0] != n:
+                logging.warning("%s was written for other distill inputs; distilling from the start", path)
+                return None
+            return saved["rows"], saved["mse_before"], saved["mse_after"], int(saved["done"])
+    except (OSError, ValueError, KeyError, EOFError) as error:  # a torn or foreign file: it is only a cache
+        logging.warning("%s is unreadable (%s); distilling from the start", path, error)
+        return None
+
+
+def _save_progress(path: pathlib.Path, key: str, rows, before, after, done: int) -> None:
+    """Atomically (a crash leaves the previous file), by the writer process only."""
+    if not hosts.is_writer():
+        return
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, rows=rows, mse_before=before, mse_after=after, done=np.int64(done), fingerprint=np.str_(key))
+    os.replace(tmp, path)
 
 
 def distill(cfg: ModelConfig, frozen: dict, base_table: np.ndarray, contexts: Contexts, init_rows: np.ndarray,
-            settings: Settings, *, progress: Callable[[str], None] = logging.info) -> Result:
-    """Distilled rows for every new row, starting from `init_rows` (N, D), W words at a time."""
+            settings: Settings, *, progress: Callable[[str], None] = logging.info,
+            progress_file: pathlib.Path | None = None, save_every_s: float = 60.0) -> Result:
+    """Distilled rows for every new row, starting from `init_rows` (N, D), W words at a time.
+
+    With `progress_file`, the rows done so far are saved there at most every `save_every_s`
+    seconds and at the end, and a call on the same inputs (`fingerprint`) starts where the
+    file ends: an interrupted distillation resumes, and a finished one is read back whole.
+    Rows are independent of the batch they are in, so a resumed result equals an
+    uninterrupted one bit for bit.
+    """
     if settings.output not in OUTPUT_CHOICES:
         raise ValueError(f"distill output {settings.output!r}; choose one of {', '.join(OUTPUT_CHOICES)}")
-    teacher_fn, step_fn, loss_fn = make_steps(cfg, frozen, base_table, settings)
     n, w = len(init_rows), settings.words_per_step
     v_base = base_table.shape[0]
-    rows_out = np.array(init_rows, np.float32)
-    before, after = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    started = time.perf_counter()
-    for lo in range(0, n, w):
+    key = fingerprint(base_table, contexts, init_rows, settings) if progress_file is not None else ""
+    saved = _read_progress(progress_file, key, n)
+    hosts.barrier("distill progress read")  # before the writer may replace the file
+    if saved is not None:
+        (rows_out, before, after), resumed = (np.array(a) for a in saved[:3]), saved[3]
+        progress(f"distill: {resumed}/{n} rows read back from {progress_file}")
+    else:
+        rows_out, resumed = np.array(init_rows, np.float32), 0
+        before, after = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    started = last_save = time.perf_counter()
+    if resumed < n:
+        teacher_fn, step_fn, loss_fn = make_steps(cfg, frozen, base_table, settings)
+    for lo in range(resumed, n, w):
         idx = np.arange(lo, lo + w)
         real = idx < n
         batch = contexts.take(np.minimum(idx, n - 1))
@@ -300,11 +355,14 @@ def distill(cfg: ModelConfig, frozen: dict, base_table: np.ndarray, contexts: Co
         last = np.asarray(loss_fn(rows, args))
         done = min(lo + w, n)
         rows_out[lo:done], before[lo:done], after[lo:done] = np.asarray(rows)[real], first[real], last[real]
-        elapsed = time.perf_counter() - started
-        rate = done / elapsed
-        progress(f"distill: {done}/{n} rows, {rate:.1f} rows/s, ETA {(n - done) / rate:.0f} s, "
+        now = time.perf_counter()
+        if progress_file is not None and (done == n or now - last_save >= save_every_s):
+            _save_progress(progress_file, key, rows_out, before, after, done)
+            last_save = time.perf_counter()
+        rate = (done - resumed) / (now - started)
+        progress(f"distill: {done}/{n} rows, {rate:.3g} rows/s, ETA {(n - done) / rate:.0f} s, "
                  f"MSE {before[:done].mean():.4g} -> {after[:done].mean():.4g}")
-    return Result(rows_out, before, after, time.perf_counter() - started)
+    return Result(rows_out, before, after, time.perf_counter() - started, resumed)
 
 
 def output_rows(output: str, head_base: np.ndarray, piece_ids: Sequence[Sequence[int]],

@@ -30,6 +30,8 @@ from wake2vec.errors import UserError
 from wake2vec.models.model import REMAT_POLICIES
 
 EMBEDDINGS_PRE = "embeddings_pre.npy"
+# --init=distill's rows done so far and their hidden-state MSE (wake2vec.phases.distill.distill).
+DISTILL_PROGRESS = "distill_progress.npz"
 
 
 class SourceChangedError(UserError, ValueError):
@@ -316,7 +318,9 @@ def _grow(table: np.ndarray, stats: vocab.VocabStats, cfg: TrainConfig, seed: in
 def _distilled(cfg: TrainConfig, model_cfg, frozen, base_table, base_tokenizer, tokenizer, forms, train_blocks,
                piece_ids):
     """(table, new rows) for --init=distill: subword_mean rows moved by wake2vec.phases.distill on the
-    training blocks' text (never the validation blocks)."""
+    training blocks' text (never the validation blocks). The rows done so far are kept in the
+    workdir's DISTILL_PROGRESS, so an interrupted preparation resumes and a resumed run reads
+    them back instead of distilling again."""
     if cfg.tie_embeddings and cfg.distill_output in ("subword_mean", "first_piece"):
         raise FlagError(f"--distill_output={cfg.distill_output} sets an untied head's rows; with "
                         "--tie_embeddings=true the head is the table: use input or joint")
@@ -325,7 +329,8 @@ def _distilled(cfg: TrainConfig, model_cfg, frozen, base_table, base_tokenizer, 
     texts = tokenizer.batch_decode([list(b) for b in train_blocks])
     contexts = distill.build_contexts(base_tokenizer, forms, texts, settings)
     start = vocab.init_new_rows(base_table, len(forms), "subword_mean", seed=cfg.seed, piece_ids=piece_ids)
-    result = distill.distill(model_cfg, frozen, base_table, contexts, start, settings)
+    result = distill.distill(model_cfg, frozen, base_table, contexts, start, settings,
+                             progress_file=pathlib.Path(cfg.workdir) / DISTILL_PROGRESS)
     logging.info("distill: %d rows (%d with training contexts) in %.1f s, hidden-state MSE %.4g -> %.4g",
                  len(forms), int(contexts.from_training.sum()), result.seconds, float(result.mse_before.mean()),
                  float(result.mse_after.mean()))
