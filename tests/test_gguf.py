@@ -308,11 +308,8 @@ def test_real_wake_lexicon_injection(smollm):
     assert tokenizer.convert_ids_to_tokens(tokenizer(" riverrun")["input_ids"]) == ["Ġ", "riverrun"]
 
 
-def test_a_run_names_an_unusable_gguf_before_writing_anything(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO_ROOT
+def test_a_run_names_an_unusable_gguf_before_writing_anything(tmp_path, capsys):
+    from tests.launchers import run_here
 
     folder = tmp_path / "models"
     folder.mkdir()
@@ -321,10 +318,10 @@ def test_a_run_names_an_unusable_gguf_before_writing_anything(tmp_path):
     (tmp_path / "lexicon.txt").write_text("riverrun\n")
 
     def train(model: pathlib.Path, workdir: pathlib.Path) -> str:
-        run = subprocess.run([sys.executable, "-m", "experiments.train_p1", f"--model={model}", f"--workdir={workdir}",
-                              f"--corpus={tmp_path / 'text.txt'}", f"--lexicon={tmp_path / 'lexicon.txt'}",
-                              "--max_steps=0"], cwd=REPO_ROOT, capture_output=True, text=True)
-        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        # In-process, an internal error would be raised here with its traceback instead of a message.
+        run = run_here(capsys, "train", f"--model={model}", f"--workdir={workdir}", f"--corpus={tmp_path / 'text.txt'}",
+                       f"--lexicon={tmp_path / 'lexicon.txt'}", "--max_steps=0")
+        assert run.returncode != 0, run.stderr[-3000:]
         # The workdir lock is the only thing there: no token cache, tokenizer or config was written.
         assert [p.name for p in workdir.iterdir()] == [".lock"]
         return run.stderr.strip().splitlines()[-1]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.launchers import invoke
 from wake2vec.models import decode, model
 from wake2vec.training import optim, precision, train
 from wake2vec.config import FlagError, ModelConfig
@@ -72,14 +73,14 @@ def test_it_reaches_the_eval_step_the_model_and_the_decoder(policy, monkeypatch,
 
 
 def test_config_json_records_the_effective_precision(tmp_path):
-    def prepared(name, *flags, env=None):
-        out = subprocess.run([sys.executable, "-m", "experiments.train_p1", f"--workdir={tmp_path / name}",
-                              "--max_steps=0", *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, **(env or {})})
-        assert out.returncode == 0, out.stderr[-3000:]
+    def recorded(name):
         return json.loads((tmp_path / name / "config.json").read_text())["flags"]["matmul_precision"]
 
-    # auto for bfloat16 resolves in-process (test_the_policy_resolves_auto_...); a launcher run each for the
-    # recorded default and for the env override, which only a fresh process reads.
-    assert prepared("fp32") == "highest"
-    assert prepared("env", env={precision.ENV: "high"}) == "high"
+    # auto for bfloat16 resolves in-process (test_the_policy_resolves_auto_...); the recorded default
+    # in-process too, and the env override in a launcher run of its own, since only a fresh process reads it.
+    assert invoke("train", f"--workdir={tmp_path / 'fp32'}", "--max_steps=0") == 0
+    assert recorded("fp32") == "highest"
+    out = subprocess.run([sys.executable, "-m", "experiments.train_p1", f"--workdir={tmp_path / 'env'}", "--max_steps=0"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, precision.ENV: "high"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert recorded("env") == "high"

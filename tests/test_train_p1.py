@@ -49,7 +49,7 @@ def final_table(workdir: pathlib.Path) -> np.ndarray:
     return table
 
 
-def test_demo_run_leaves_a_complete_workdir(tmp_path):
+def test_demo_run_leaves_a_complete_workdir(tmp_path, capsys):
     out = launch(tmp_path, "--max_steps=6", "--eval_every=3", "--save_every=3", "--snapshot_every=3")
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((tmp_path / "config.json").read_text())
@@ -102,8 +102,7 @@ def test_demo_run_leaves_a_complete_workdir(tmp_path):
     assert snapshots == ["embeddings_step_3.npy", "embeddings_step_6.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "snapshots" / "embeddings_step_6.npy"), trained)
 
-    analysed = subprocess.run([sys.executable, "-m", "experiments.analyze", f"--workdir={tmp_path}"],
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    analysed = run_here(capsys, "analyze", f"--workdir={tmp_path}")
     assert analysed.returncode == 0, analysed.stderr[-3000:]
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary["meta"]["n_new"] == config["vocab"]["added"]
@@ -219,12 +218,10 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, capsys):
     assert out.returncode != 0 and "in use by another wake2vec run" in out.stderr
 
 
-def test_relative_workdir(tmp_path):
+def test_relative_workdir(tmp_path, monkeypatch, capsys):
     """The demo's default workdir is relative (runs/demo); Orbax needs absolute paths."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    out = subprocess.run([sys.executable, "-m", "experiments.train_p1", "--workdir=rel/run", *FAST,
-                          "--max_steps=2", "--eval_every=2", "--save_every=1"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    monkeypatch.chdir(tmp_path)
+    out = launch_here(capsys, pathlib.Path("rel/run"), "--max_steps=2", "--eval_every=2", "--save_every=1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "rel/run/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
 
