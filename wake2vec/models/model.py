@@ -38,6 +38,8 @@ The public entry points are the functions at the bottom; the modules are interna
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -308,10 +310,19 @@ def _backbone_params(params: Params, lora: LoraSpec | None) -> dict[str, Params]
     return variables
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_init(cfg: ModelConfig, dtype):
+    return jax.jit(LlamaModel(cfg, param_dtype=dtype).init)
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
-    """Random weights (normal 0.02, norm gains at 1, biases 0) in HF's layout; the table is always fp32."""
+    """Random weights (normal 0.02, norm gains at 1, biases 0) in HF's layout; the table is always fp32.
+
+    Jitted: called eagerly, Flax's init dispatches every primitive of a forward pass one by one
+    (about 4 CPU-s for the demo's model, against 1.3 s compiled once and nothing after).
+    """
     ids = jnp.zeros((1, 1), jnp.int32)
-    variables = LlamaModel(cfg, param_dtype=dtype).init(rng, ids, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1, 1), bool))
+    variables = _jitted_init(cfg, jnp.dtype(dtype))(rng, ids, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1, 1), bool))
     params = dict(variables["params"])
     if not cfg.tie_word_embeddings:
         head_rng = jax.random.fold_in(rng, 1)
