@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import pathlib
 import re
 import time
@@ -49,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wake2vec.models import model
-from wake2vec.training import hosts
+from wake2vec.training import hosts, workdir as records
 from wake2vec.tokens import whole_word
 from wake2vec.config import ModelConfig
 
@@ -303,15 +302,6 @@ def _read_progress(path: pathlib.Path | None, key: str, n: int):
         return None
 
 
-def _save_progress(path: pathlib.Path, key: str, rows, before, after, done: int) -> None:
-    """Atomically (a crash leaves the previous file), by the writer process only."""
-    if not hosts.is_writer():
-        return
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, rows=rows, mse_before=before, mse_after=after, done=np.int64(done), fingerprint=np.str_(key))
-    os.replace(tmp, path)
-
-
 def distill(cfg: ModelConfig, frozen: dict, base_table: np.ndarray, contexts: Contexts, init_rows: np.ndarray,
             settings: Settings, *, progress: Callable[[str], None] = logging.info,
             progress_file: pathlib.Path | None = None, save_every_s: float = 60.0) -> Result:
@@ -357,7 +347,8 @@ def distill(cfg: ModelConfig, frozen: dict, base_table: np.ndarray, contexts: Co
         rows_out[lo:done], before[lo:done], after[lo:done] = np.asarray(rows)[real], first[real], last[real]
         now = time.perf_counter()
         if progress_file is not None and (done == n or now - last_save >= save_every_s):
-            _save_progress(progress_file, key, rows_out, before, after, done)
+            records.atomic_save_npz(progress_file, rows=rows_out, mse_before=before, mse_after=after,
+                                    done=np.int64(done), fingerprint=np.str_(key))
             last_save = time.perf_counter()
         rate = (done - resumed) / (now - started)
         progress(f"distill: {done}/{n} rows, {rate:.3g} rows/s, ETA {(n - done) / rate:.0f} s, "

@@ -86,6 +86,16 @@ def atomic_save_npy(path: pathlib.Path, array) -> None:
     os.replace(tmp, path)
 
 
+@hosts.writer_only
+def atomic_save_npz(path: pathlib.Path, **arrays) -> None:
+    """np.savez, as atomic_save_npy: a crash leaves the previous file whole."""
+    import numpy as np
+
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 class _Sha256Sink:
     """A write-only file object that hashes what is written to it."""
 
