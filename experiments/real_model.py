@@ -2,13 +2,15 @@
 
     python -m experiments.real_model                       # -> runs/real_model (the full run)
     python -m experiments.real_model --max_steps=40 --grad_accum=2 --out=runs/real_model_small
+    python -m experiments.real_model --max_steps=0 --inits=mean_noise,subword_mean --out=runs/inits  # init tables only
 
 For each injection mode (--injections) it writes, into --out:
 
-* init_table.md: the validation loss at step 0 of every initialiser (--inits), beside the
-  base model's own loss on the same text before injection. Losses over different
-  tokenizations are compared per character (total nats / characters of the text span),
-  since injection changes how many tokens that text is; nats/token is shown too.
+* init_table.md: the step-0 evaluation of every initialiser (--inits), below the base
+  model's figures on the same characters before injection: nats per character and its
+  difference from the base (tokenizations are compared per character, since injection
+  changes how many tokens a text is), bits per byte, the loss on new-token targets seen and
+  never seen in training, the cost of a seen / unseen Wake word, and the init's CPU-seconds;
 * a Phase 1 run (the library's own loop, --init) in MODE/phase1/: loss table, loss curve,
   checkpoint, analysis; copied up as loss_table.md and loss_curve.png;
 * neighbours.md: the 5 nearest base tokens of chosen Wake words (--words, plus words from
@@ -26,7 +28,6 @@ blocks as in the reference, 4 blocks per step instead of 16, 150 steps instead o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import pathlib
@@ -34,17 +35,15 @@ import shutil
 import tempfile
 from typing import ClassVar
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from wake2vec.phases import runs, prepare
+from wake2vec.phases import base_cost, runs, prepare
 from wake2vec.models import convert, generate
-from wake2vec.training import data, loop, train, workdir as records
+from wake2vec.training import loop, workdir as records
 from wake2vec import launcher
 from wake2vec.tokens import vocab
 from wake2vec.analysis import metrics
-from wake2vec.config import ModelConfig, TrainConfig
+from wake2vec.config import TrainConfig
 from wake2vec.errors import UserError
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -78,7 +77,7 @@ class RealModelConfig:
     batch_size: int = 1
     # Microbatches per optimizer step (the reference: 16; scaled to the CPU budget).
     grad_accum: int = 4
-    # Optimizer steps of the Phase 1 run (the reference: 3,000).
+    # Optimizer steps of the Phase 1 run (the reference: 3,000); 0 writes the init tables only.
     max_steps: int = 150
     # Peak learning rate (the reference's 5e-4).
     lr: float = 5e-4
@@ -126,59 +125,53 @@ def train_config(cfg: RealModelConfig, mode: str, init: str, workdir, max_steps:
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _eval_fn(model_cfg: ModelConfig):
-    settings = train.StepSettings(model_cfg, jnp.float32, "none", 1024)
-    return jax.jit(lambda trainable, frozen, ids, weights: train.loss_sum_and_count(trainable, frozen, ids, weights, settings))
-
-
-def block_loss(model_cfg: ModelConfig, table: np.ndarray, frozen: dict, blocks: np.ndarray) -> tuple[float, int]:
-    """(total nats, predicted tokens) over blocks (N, T), one block per call (one compile per config)."""
-    step, trainable = _eval_fn(model_cfg), {"embedding": jnp.asarray(table)}
-    total = count = 0.0
-    for block in blocks:
-        loss_sum, n = step(trainable, frozen, jnp.asarray(block[None]), jnp.ones(1, jnp.float32))
-        total, count = total + float(loss_sum), count + float(n)
-    return total, int(count)
-
-
-def validation_span(cfg: RealModelConfig, prepared: prepare.PreparedRun, n_blocks: int) -> str:
-    """The exact text the first n_blocks validation blocks cover (from the tokenizer's offsets)."""
-    text = data.read_corpus(cfg.corpus, start_marker=cfg.start_marker)
-    enc = data.tokenizers_backend(prepared.tokenizer).encode(text, add_special_tokens=False)
-    blocks = np.concatenate([prepared.train_blocks, prepared.val_blocks])
-    if not np.array_equal(np.asarray(enc.ids[: blocks.size]), blocks.ravel()):
-        raise RuntimeError("re-encoding the corpus does not give the run's blocks; the span would be wrong")
-    first = prepared.train_blocks.size
-    return text[enc.offsets[first][0]: enc.offsets[first + n_blocks * cfg.seq_len - 1][1]]
+# The step-0 evaluation fields the init table shows, in its column order after the model's name.
+INIT_COLUMNS = ("val_nats_per_char", "delta_nats_per_char", "val_bits_per_byte", "val_loss_new_seen",
+                "val_loss_new_unseen", "val_word_nats_seen", "val_word_nats_unseen", "val_loss")
 
 
 def init_table(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> list[dict]:
-    """Step-0 validation loss of every initialiser, and the base model's on the same text."""
-    # Preparing (max_steps=0) reads only the table rows; the body is read here, once.
-    base_cfg, base = convert.load_hf(cfg.model, as_numpy=True)
-    base_table = base.pop("embedding")
-    base = jax.tree_util.tree_map(jnp.asarray, base)
-    body = {name: value for name, value in base.items() if name != "lm_head"}  # the runs tie the head
-    rows, span = [], None
+    """Every initialiser's step-0 evaluation, after the base model's figures on the same characters.
+
+    Each row is the step-0 evaluation event of the library's own loop: a one-step run in a
+    scratch workdir whose step and checkpoint are discarded. So an init's row holds exactly
+    what a Phase 1 run of it logs at step 0 (nats per character against the base model,
+    seen / unseen Wake-target loss, word costs), measured by the code the runs use rather
+    than by a second evaluator. The base model is scored once per mode: its cache file,
+    keyed by everything its figures depend on, is carried into each next scratch workdir.
+    Each row also carries the init's CPU-seconds, as config.json records them.
+    """
+    rows, cache = [], None
     for init in _split(cfg.inits):
-        logging.info("[%s] step-0 validation loss of init=%s", mode, init)
+        logging.info("[%s] step-0 evaluation of init=%s", mode, init)
         with tempfile.TemporaryDirectory(dir=out) as scratch:
-            prepared = prepare.prepare(train_config(cfg, mode, init, scratch, max_steps=0))
-        val = prepared.val_blocks[: cfg.eval_blocks]
-        span = span if span is not None else validation_span(cfg, prepared, len(val))
-        nats, tokens = block_loss(prepared.model_cfg, prepared.trainable["embedding"], body, val)
-        rows.append({"model": f"injected, init={init}", "init": init, "nats": nats, "tokens": tokens,
-                     "vocab": prepared.vocab_stats.as_dict(), "data": prepared.corpus_stats.as_dict()})
-    logging.info("[%s] the base model's loss on the same text (%d characters)", mode, len(span))
-    base_ids = data.tokenize_corpus(vocab.load_base_tokenizer(cfg.model), span)
-    base_blocks = data.make_blocks(base_ids, cfg.seq_len)
-    nats, tokens = block_loss(base_cfg, base_table, base, base_blocks)
-    rows.insert(0, {"model": "base model, before injection", "init": None, "nats": nats, "tokens": tokens,
-                    "span_tokens": int(base_ids.size)})
-    for row in rows:
-        row.update(chars=len(span), nats_per_token=row["nats"] / row["tokens"], nats_per_char=row["nats"] / len(span))
+            scratch = pathlib.Path(scratch)
+            if cache is not None:
+                (scratch / base_cost.CACHE).write_text(cache)
+            loop.run(dataclasses.replace(train_config(cfg, mode, init, scratch, max_steps=1), analyze=False))
+            event = next(e for e in records.read_metrics(scratch) if e.get("step") == 0 and "val_loss" in e)
+            record = records.read_config(scratch)
+            cache = (scratch / base_cost.CACHE).read_text()
+        rows.append({"model": f"injected, init={init}", "init": init, "eval": {k: v for k, v in event.items()
+                     if k.startswith(("val_", "base_", "delta_", "word_"))}, "init_cpu_s": record["init_cost"]["cpu_s"],
+                     "vocab": record["vocab"], "data": record["data"]})
+    base = rows[0]["eval"]
+    rows.insert(0, {"model": "base model, before injection", "init": None, "init_cpu_s": None, "eval": {
+        "val_nats_per_char": base["base_nats_per_char"], "delta_nats_per_char": 0.0,
+        "val_bits_per_byte": base["base_bits_per_byte"], "val_word_nats_seen": base["base_word_nats_seen"],
+        "val_word_nats_unseen": base["base_word_nats_unseen"]}})
     return rows
+
+
+def init_table_md(rows: list[dict]) -> str:
+    """The init table of one mode: one row per model, figures as INIT_COLUMNS orders them, then the init's cost."""
+    def cell(value, digits=4):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    header = ["model", "nats/char", "Δ nats/char vs base", "bits/byte", "new seen (nats/token)",
+              "new unseen (nats/token)", "word seen (nats)", "word unseen (nats)", "all targets (nats/token)", "init CPU-s"]
+    return _md_table(header, [[row["model"], *(cell(row["eval"].get(key)) for key in INIT_COLUMNS),
+                               cell(row["init_cpu_s"], 1)] for row in rows])
 
 
 def neighbour_queries(cfg: RealModelConfig, tokenizer, base_size: int) -> list[tuple[str, str, int]]:
@@ -223,6 +216,8 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 
 def run_mode(cfg: RealModelConfig, mode: str, out: pathlib.Path) -> dict:
     result = {"init_table": init_table(cfg, mode, out)}
+    if cfg.max_steps == 0:
+        return result
     workdir = out / mode / "phase1"
     logging.info("[%s] Phase 1: %d steps of %d tokens", mode, cfg.max_steps, cfg.seq_len * cfg.batch_size * cfg.grad_accum)
     run = loop.run(train_config(cfg, mode, cfg.init, workdir, cfg.max_steps))
@@ -307,11 +302,14 @@ def write_reports(cfg: RealModelConfig, out: pathlib.Path, results: dict) -> Non
     init_md, neigh_md, gen_md = [], [], [f"Prompt: `{cfg.prompt}`; greedy, repetition penalty {cfg.repetition_penalty}, "
                                          f"{cfg.max_new_tokens} new tokens.\n"]
     for mode, r in results.items():
-        rows = [[row["model"], f"{row['tokens']:,}", f"{row['nats_per_token']:.4f}", f"{row['nats_per_char']:.4f}"]
-                for row in r["init_table"]]
-        chars = r["init_table"][0]["chars"]
-        init_md.append(f"Injection `{mode}`: the first {cfg.eval_blocks} validation blocks, {chars:,} characters.\n\n"
-                       + _md_table(["model", "predicted tokens", "nats/token", "nats/char"], rows))
+        first = r["init_table"][1]["eval"]
+        init_md.append(f"Injection `{mode}`: the first {cfg.eval_blocks} validation blocks; step-0 evaluations. Seen / unseen: "
+                       f"{first['val_tokens_new_seen']:,} / {first['val_tokens_new_unseen']:,} new-token targets, "
+                       f"{first['word_occurrences_seen']:,} / {first['word_occurrences_unseen']:,} Wake-word occurrences "
+                       "(a word costs the nats of the tokens that spell it and of the token after it).\n\n"
+                       + init_table_md(r["init_table"]))
+        if "run" not in r:
+            continue
         skipped = ", ".join(f"`{w}`" for w in r["neighbours"]["skipped"]) or "none"
         neigh_md.append(f"Injection `{mode}`. Chosen words that are not new tokens (so not listed): {skipped}.\n")
         for when, title in _NEIGHBOUR_TITLES.items():
@@ -324,9 +322,11 @@ def write_reports(cfg: RealModelConfig, out: pathlib.Path, results: dict) -> Non
         shutil.copy(out / mode / "phase1" / "loss_curve.png", out / f"loss_curve_{mode}.png")
         shutil.copy(out / mode / "phase1" / "analysis" / "embedding_analysis.png", out / f"embedding_analysis_{mode}.png")
     (out / "init_table.md").write_text("\n".join(init_md))
-    (out / "where_the_loss_goes.md").write_text(where_the_loss_goes(results))
-    (out / "neighbours.md").write_text("\n".join(neigh_md))
-    (out / "generations.md").write_text("\n".join(gen_md))
+    trained = {mode: r for mode, r in results.items() if "run" in r}
+    if trained:
+        (out / "where_the_loss_goes.md").write_text(where_the_loss_goes(trained))
+        (out / "neighbours.md").write_text("\n".join(neigh_md))
+        (out / "generations.md").write_text("\n".join(gen_md))
     (out / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(cfg), "results": results},
                                                  indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 

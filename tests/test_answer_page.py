@@ -129,8 +129,18 @@ def test_sweep_table_and_regenerating_command(tmp_path):
 
 def test_main_writes_the_page_and_figure(tmp_path):
     run = _workdir(tmp_path, "run", [_eval(0, seen_word=20), _eval(10, seen_word=18)])
-    out = tmp_path / "out" / "answer.md"
-    subprocess.run([sys.executable, "-m", "tools.answer_page", f"--runs={run}", f"--out={out}"], cwd=answer_page.ROOT,
-                   check=True, capture_output=True)
-    assert out.read_text().startswith("# Phase 1")
+    out, archive = tmp_path / "out" / "answer.md", tmp_path / "archive"
+    subprocess.run([sys.executable, "-m", "tools.answer_page", f"--runs={run}", f"--out={out}", f"--archive={archive}"],
+                   cwd=answer_page.ROOT, check=True, capture_output=True)
+    page = out.read_text()
+    assert page.startswith("# Phase 1")
     assert (tmp_path / "out" / "answer.png").stat().st_size > 0
+    # The page is computed from, and names, the archived record, so it regenerates once the workdir is gone.
+    for name in answer_page.RECORD_FILES:
+        assert (archive / "run" / name).read_bytes() == (run / name).read_bytes()
+    assert f"--runs={archive / 'run'} " in page
+    for name in answer_page.RECORD_FILES:
+        (run / name).unlink()
+    subprocess.run([sys.executable, "-m", "tools.answer_page", f"--runs={archive / 'run'}", f"--out={out}",
+                    f"--archive={archive}"], cwd=answer_page.ROOT, check=True, capture_output=True)
+    assert out.read_text() == page

@@ -9,6 +9,7 @@ Skipped when ../shared/data is absent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -120,9 +121,19 @@ def test_experiment_end_to_end_on_a_tiny_gguf_model(tmp_path):
     real_model.write_reports(cfg, out, results)
     rows = results["reference"]["init_table"]
     assert [r["init"] for r in rows] == [None, "mean_noise", "spherical", "subword_mean", "hewitt"]
-    assert len({r["chars"] for r in rows}) == 1 and all(np.isfinite(r["nats_per_char"]) for r in rows)
-    # The span the base model is scored on is the text the injected model's blocks cover.
-    assert rows[1]["tokens"] == 3 * 31 and rows[0]["tokens"] > rows[1]["tokens"]
+    events = [e for e in records.read_metrics(out / "reference" / "phase1") if "val_loss" in e]
+    # An init's row is the step-0 evaluation a run of that init logs: the run (init=mean_noise,
+    # the same seed) logged exactly these figures, by the same code.
+    assert rows[1]["eval"] == {k: v for k, v in events[0].items() if k in rows[1]["eval"]}
+    assert rows[1]["eval"]["val_tokens"] == 3 * 31 and "val_loss_new_seen" in rows[1]["eval"]
+    base = rows[0]["eval"]
+    for row in rows[1:]:  # every init is measured against the same base figures on the same characters
+        e = row["eval"]
+        assert (e["base_nats_per_char"], e["base_word_nats_seen"]) == (base["val_nats_per_char"], base["val_word_nats_seen"])
+        assert e["delta_nats_per_char"] == pytest.approx(e["val_nats_per_char"] - base["val_nats_per_char"], abs=1e-12)
+        assert e["val_tokens_new_seen"] + e["val_tokens_new_unseen"] == e["val_tokens_new"] and row["init_cpu_s"] >= 0
+    table = (out / "init_table.md").read_text()
+    assert "new unseen (nats/token)" in table and f"{rows[3]['eval']['val_loss_new_seen']:.4f}" in table
     assert results["reference"]["neighbours"]["skipped"] == ["notaword"]
     assert set(results["reference"]["generations"]) == {"base model", "injected, step 0 (init=mean_noise)", "trained, step 4"}
     for name in ("init_table.md", "neighbours.md", "generations.md", "loss_table_reference.md", "loss_curve_reference.png",
@@ -132,13 +143,19 @@ def test_experiment_end_to_end_on_a_tiny_gguf_model(tmp_path):
     assert len(TOKENS) == results["reference"]["init_table"][1]["vocab"]["base_size"]
     # Where the loss goes: the run's own first and last eval events, by target type.
     where = results["reference"]["where_the_loss_goes"]
-    events = [e for e in records.read_metrics(out / "reference" / "phase1") if "val_loss" in e]
     assert list(where["validation"]) == ["step 0", "step 4"]
     assert where["validation"]["step 4"]["val_loss_new"] == events[-1]["val_loss_new"]
     assert where["validation"]["step 0"]["val_tokens"] == events[0]["val_tokens_new"] + events[0]["val_tokens_base"]
     assert where["new_token_share"]["base model"] == 0.0  # the base vocabulary has no new ids
     table = (out / "where_the_loss_goes.md").read_text()
     assert f"{events[-1]['val_loss']:.4f} ({events[-1]['val_tokens']:,})" in table
+
+    # --max_steps=0 writes the init tables alone, with the same figures.
+    only = dataclasses.replace(cfg, out=str(tmp_path / "inits"), inits="mean_noise", max_steps=0, injections="reference")
+    real_model.run(only)
+    alone = json.loads((tmp_path / "inits" / "results.json").read_text())["results"]["reference"]
+    assert list(alone) == ["init_table"] and alone["init_table"][1]["eval"] == rows[1]["eval"]
+    assert sorted(p.name for p in (tmp_path / "inits").iterdir()) == ["init_table.md", "results.json"]
 
 
 def test_experiment_injection_modes_follow_train_config():

@@ -4,6 +4,9 @@
 
 --runs are the main runs (one per init), --sweep the learning-rate sweep (a main run may be
 one of its points). Each workdir's config.json and metrics.jsonl are read; nothing is run.
+Those two files are copied into --archive/NAME/ (docs/results/phase1_runs by default, a few
+KB a run) and the page names the archived copies in its regenerating command, so the page
+regenerates from committed files after the workdirs (checkpoints, GBs) are gone.
 The page's first paragraph answers the study's questions from the evaluations: does the
 loss on seen Wake words fall below the base model's cost of spelling them, does the
 held-out Wake text cost fewer nats per character than under the base model and by how much,
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
 import sys
 
 from absl import app, flags
@@ -30,6 +34,10 @@ FLAT = 1e-3
 _RUNS = flags.DEFINE_list("runs", [], "main Phase 1 workdirs (different inits), comma-separated")
 _SWEEP = flags.DEFINE_list("sweep", [], "learning-rate sweep workdirs, comma-separated")
 _OUT = flags.DEFINE_string("out", str(ROOT / "docs" / "results" / "phase1_answer.md"), "the page to write; the figure goes beside it")
+_ARCHIVE = flags.DEFINE_string("archive", str(ROOT / "docs" / "results" / "phase1_runs"),
+                               "folder that receives each run's config.json and metrics.jsonl (empty: read in place)")
+# What the page is computed from: all that is archived of a run.
+RECORD_FILES = ("config.json", "metrics.jsonl")
 
 
 def shown_path(path) -> str:
@@ -42,6 +50,16 @@ def shown_path(path) -> str:
         return str(path.resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
+
+
+def archive_run(workdir, archive: pathlib.Path) -> pathlib.Path:
+    """archive/NAME holding the run's RECORD_FILES (copied unless the workdir is that folder)."""
+    workdir, target = pathlib.Path(workdir), archive / pathlib.Path(workdir).name
+    if workdir.resolve() != target.resolve():
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            shutil.copyfile(workdir / name, target / name)
+    return target
 
 
 def load_run(workdir) -> dict:
@@ -291,8 +309,9 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _RUNS.value:
         raise app.UsageError("--runs=DIR[,DIR...] is required")
-    runs = [load_run(d) for d in _RUNS.value]
-    sweep = [load_run(d) for d in _SWEEP.value]
+    keep = (lambda d: archive_run(d, pathlib.Path(_ARCHIVE.value))) if _ARCHIVE.value else pathlib.Path
+    runs = [load_run(keep(d)) for d in _RUNS.value]
+    sweep = [load_run(keep(d)) for d in _SWEEP.value]
     out = pathlib.Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = out.with_suffix(".png")

@@ -17,6 +17,7 @@ import logging
 import math
 import pathlib
 import shutil
+import time
 
 import numpy as np
 
@@ -376,6 +377,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     # Read (and so checked) before config.json is written; preparing alone needs only the rows.
     frozen = read_frozen_body(model_dir, cfg.frozen_dtype) if cfg.max_steps or cfg.init == "distill" else None
     piece_ids = None
+    init_started = time.process_time()
     if cfg.init in ("subword_mean", "distill"):
         piece_ids = vocab.subword_piece_ids(base_tokenizer, new_forms)
     if cfg.init == "distill":
@@ -383,6 +385,8 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
                                       new_forms, train_blocks, piece_ids)
     else:
         table = _grow(params.pop("embedding"), vocab_stats, cfg, cfg.seed, piece_ids)
+    # The first preparation's cost is the init's: a resume rebuilds a cheap init, or reads distill's rows back.
+    init_cost = stored.get("init_cost") or {"init": cfg.init, "cpu_s": round(time.process_time() - init_started, 2)}
     trainable = {"embedding": table}
     source_head = params.pop("lm_head", None)
     if cfg.tie_embeddings and source_head is not None:
@@ -419,6 +423,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
         "model": dataclasses.asdict(model_cfg),
         "vocab": {**vocab_stats.as_dict(), **seg_report.as_dict()},
         "data": corpus_stats.as_dict(),
+        "init_cost": init_cost,
         "config_changes": history,
         **schedule,
     }
