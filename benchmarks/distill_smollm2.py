@@ -89,11 +89,11 @@ def held_out_costs(cfg, frozen, base, new_rows, chosen, rows_by_name: dict, ctx,
     p, k, s = settings.prefix_tokens, settings.max_spelling, settings.suffix_tokens
     n, c = ctx.prefix.shape[:2]
     ids_new = base.shape[0] + np.asarray(chosen)
-    (t_ids, t_valid), (s_ids, s_valid), weight = distill._layouts(ctx, settings, ids_new)
+    (t_ids, t_valid), (s_ids, s_valid), weight = distill.layouts(ctx, settings, ids_new)
 
     @jax.jit
     def nll(table, ids, valid):
-        hidden, per_layer = distill._run(cfg, {**frozen, "embedding": table}, ids, valid)
+        hidden, per_layer = distill.residual_streams(cfg, {**frozen, "embedding": table}, ids, valid)
         logits = model.logits_from_hidden(cfg.replace(vocab_size=table.shape[0], tie_word_embeddings=True),
                                           {"embedding": table}, hidden)
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)

@@ -178,8 +178,11 @@ def _truncate(cfg: ModelConfig, frozen: dict, layer: int, keep_all: bool) -> tup
     return cfg.replace(**changes), cut, layer
 
 
-def _run(cfg, params, ids, valid):
-    """Per-layer residual stream (L, B, T, D) of sequences whose padding `valid` marks False."""
+def residual_streams(cfg, params, ids, valid):
+    """Per-layer residual stream (L, B, T, D) of sequences whose padding `valid` marks False.
+
+    Public with `layouts`: benchmarks/distill_smollm2.py scores held-out contexts through the
+    same forward and layout the objective uses."""
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     length = ids.shape[1]
     causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
@@ -190,7 +193,7 @@ def _run(cfg, params, ids, valid):
     return hidden, per_layer
 
 
-def _layouts(batch: Contexts, settings: Settings, new_ids: np.ndarray):
+def layouts(batch: Contexts, settings: Settings, new_ids: np.ndarray):
     """Teacher and student (ids, valid) of shape (W*C, T) and the student's loss weights (W*C, 1+S)."""
     p, k, s = settings.prefix_tokens, settings.max_spelling, settings.suffix_tokens
     w, c = batch.prefix.shape[:2]
@@ -230,14 +233,14 @@ def make_steps(cfg: ModelConfig, frozen: dict, base_table: np.ndarray, settings:
 
     @jax.jit
     def teacher_fn(ids, valid):
-        _, per_layer = _run(cfg, {**frozen, "embedding": base}, ids, valid)
+        _, per_layer = residual_streams(cfg, {**frozen, "embedding": base}, ids, valid)
         return per_layer[layer][:, p + k - 1:]
 
     def losses(rows, batch):
         ids, valid, weight, targets = batch
         w, c = weight.shape[:2]
         table = jnp.concatenate([base, rows], axis=0)
-        hidden, per_layer = _run(cfg, {**frozen, "embedding": table}, ids, valid)
+        hidden, per_layer = residual_streams(cfg, {**frozen, "embedding": table}, ids, valid)
         err = jnp.mean((per_layer[layer][:, p:] - targets) ** 2, axis=-1).reshape(w, c, -1)
         mse = jnp.sum(err * weight, axis=(1, 2)) / jnp.maximum(jnp.sum(weight, axis=(1, 2)), 1.0)
         if not joint:
@@ -334,7 +337,7 @@ def distill(cfg: ModelConfig, frozen: dict, base_table: np.ndarray, contexts: Co
         real = idx < n
         batch = contexts.take(np.minimum(idx, n - 1))
         batch.context_len = np.where(real, batch.context_len, 0)  # dummy words weigh nothing
-        (t_ids, t_valid), (s_ids, s_valid), weight = _layouts(batch, settings, v_base + np.arange(w))
+        (t_ids, t_valid), (s_ids, s_valid), weight = layouts(batch, settings, v_base + np.arange(w))
         targets = teacher_fn(t_ids, t_valid)
         args = (jnp.asarray(s_ids), jnp.asarray(s_valid), jnp.asarray(weight), targets)
         rows = jnp.asarray(rows_out[np.minimum(idx, n - 1)])
