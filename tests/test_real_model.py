@@ -150,11 +150,16 @@ def test_experiment_end_to_end_on_a_tiny_gguf_model(tmp_path):
     table = (out / "where_the_loss_goes.md").read_text()
     assert f"{events[-1]['val_loss']:.4f} ({events[-1]['val_tokens']:,})" in table
 
-    # --max_steps=0 writes the init tables alone, with the same figures.
-    only = dataclasses.replace(cfg, out=str(tmp_path / "inits"), inits="mean_noise", max_steps=0, injections="reference")
+    # --max_steps=0 writes the init tables alone, with the same figures; distill is an init like the others.
+    only = dataclasses.replace(cfg, out=str(tmp_path / "inits"), inits="mean_noise,distill", max_steps=0,
+                               injections="reference")
     real_model.run(only)
     alone = json.loads((tmp_path / "inits" / "results.json").read_text())["results"]["reference"]
     assert list(alone) == ["init_table"] and alone["init_table"][1]["eval"] == rows[1]["eval"]
+    distilled = alone["init_table"][2]
+    assert distilled["init"] == "distill" and distilled["init_cpu_s"] > 0
+    # distill starts from the subword_mean rows and moves them: its step-0 figures are its own.
+    assert distilled["eval"]["val_loss"] != rows[3]["eval"]["val_loss"] and np.isfinite(distilled["eval"]["val_loss"])
     assert sorted(p.name for p in (tmp_path / "inits").iterdir()) == ["init_table.md", "results.json"]
 
 
