@@ -144,3 +144,34 @@ def test_main_writes_the_page_and_figure(tmp_path):
     subprocess.run([sys.executable, "-m", "tools.answer_page", f"--runs={archive / 'run'}", f"--out={out}",
                     f"--archive={archive}"], cwd=answer_page.ROOT, check=True, capture_output=True)
     assert out.read_text() == page
+
+
+def test_rows_moved_by_exposure_come_from_the_runs_analysis(tmp_path):
+    """The page's drift table is the run's own analysis (wake2vec.analysis on a table whose
+    never-trained rows moved twice as far), read back and archived with the record."""
+    import numpy as np
+
+    from wake2vec import analysis
+
+    rng = np.random.default_rng(0)
+    n_base, n_new = 40, 30
+    pre = rng.standard_normal((n_base + n_new, 8))
+    counts = np.where(np.arange(n_new) % 3 == 0, 0, 2).astype(np.int32)
+    step = np.where(counts == 0, 0.2, 0.1)[:, None] * rng.standard_normal((n_new, 8))
+    post = pre.copy()
+    post[n_base:] += step
+    summary = analysis.analyze(post, n_base, E_pre=pre, seed=0, train_counts=counts)
+    run = _workdir(tmp_path / "runs", "run", [_eval(0, seen_word=20), _eval(10, seen_word=18)])
+    (run / "analysis").mkdir()
+    (run / answer_page.SUMMARY).write_text(json.dumps(summary))
+    page = _page(tmp_path, [answer_page.archive_run(run, tmp_path / "archive")])
+    for key, label in answer_page.EXPOSURE_GROUPS:
+        drift = summary["drift"][key]
+        l2 = drift["l2"]["quantiles"]
+        assert (f"| {label} | {drift['l2']['n']:,} | {l2['0.5']:.4f} ({l2['0.05']:.4f}-{l2['0.95']:.4f}) | "
+                f"{drift['cosine']['quantiles']['0.5']:.4f} | {summary['norms'][key]['quantiles']['0.5']:.4f} |") in page
+    assert summary["drift"]["new_unseen"]["l2"]["quantiles"]["0.5"] > summary["drift"]["new_seen"]["l2"]["quantiles"]["0.5"]
+    assert (tmp_path / "archive" / "run" / answer_page.SUMMARY).read_bytes() == (run / answer_page.SUMMARY).read_bytes()
+    # A run without an analysis gets no such table.
+    bare = _workdir(tmp_path / "runs", "bare", [_eval(0, seen_word=20), _eval(10, seen_word=18)])
+    assert "How far the rows moved" not in _page(tmp_path, [bare])

@@ -4,8 +4,9 @@
 
 --runs are the main runs (one per init), --sweep the learning-rate sweep (a main run may be
 one of its points). Each workdir's config.json and metrics.jsonl are read; nothing is run.
-Those two files are copied into --archive/NAME/ (docs/results/phase1_runs by default, a few
-KB a run) and the page names the archived copies in its regenerating command, so the page
+Those two files, and the run's analysis/summary.json where it has one (its drift and norms
+of the rows training shows and of those it never shows), are copied into --archive/NAME/
+(docs/results/phase1_runs by default) and the page names the archived copies in its regenerating command, so the page
 regenerates from committed files after the workdirs (checkpoints, GBs) are gone.
 The page's first paragraph answers the study's questions from the evaluations: does the
 loss on seen Wake words fall below the base model's cost of spelling them, does the
@@ -36,8 +37,9 @@ _SWEEP = flags.DEFINE_list("sweep", [], "learning-rate sweep workdirs, comma-sep
 _OUT = flags.DEFINE_string("out", str(ROOT / "docs" / "results" / "phase1_answer.md"), "the page to write; the figure goes beside it")
 _ARCHIVE = flags.DEFINE_string("archive", str(ROOT / "docs" / "results" / "phase1_runs"),
                                "folder that receives each run's config.json and metrics.jsonl (empty: read in place)")
-# What the page is computed from: all that is archived of a run.
+# What the page is computed from: all that is archived of a run (the analysis only where the run wrote one).
 RECORD_FILES = ("config.json", "metrics.jsonl")
+SUMMARY = "analysis/summary.json"
 
 
 def shown_path(path) -> str:
@@ -59,6 +61,9 @@ def archive_run(workdir, archive: pathlib.Path) -> pathlib.Path:
         target.mkdir(parents=True, exist_ok=True)
         for name in RECORD_FILES:
             shutil.copyfile(workdir / name, target / name)
+        if (workdir / SUMMARY).is_file():
+            (target / SUMMARY).parent.mkdir(exist_ok=True)
+            shutil.copyfile(workdir / SUMMARY, target / SUMMARY)
     return target
 
 
@@ -77,7 +82,9 @@ def load_run(workdir) -> dict:
     steps = max((e["step"] for e in events), default=0)
     data = config["data"]
     tokens_seen = steps * flags_["batch_size"] * flags_["grad_accum"] * data["seq_len"]
+    summary = json.loads((workdir / SUMMARY).read_text(encoding="utf-8")) if (workdir / SUMMARY).is_file() else None
     return {"name": workdir.name, "path": shown_path(workdir), "config": config, "evals": evals, "steps": steps,
+            "summary": summary,
             "init": flags_.get("init"), "lr": flags_.get("lr"), "tokens_seen": tokens_seen,
             "train_tokens": data["train_blocks"] * data["seq_len"],
             "epochs": tokens_seen / (data["train_blocks"] * data["seq_len"])}
@@ -225,6 +232,29 @@ def eval_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+EXPOSURE_GROUPS = (("new_seen", "new rows a training block holds"), ("new_unseen", "new rows no training block holds"),
+                   ("base", "base rows"))
+
+
+def exposure_table(run: dict) -> str | None:
+    """How far each group of rows moved from step 0 to the analysed step, from the run's analysis;
+    None without one, or without the seen / unseen split (an analysis given no training counts)."""
+    summary = run["summary"]
+    if not summary or not summary.get("drift", {}).get("new_unseen") and not summary.get("drift", {}).get("new_seen"):
+        return None
+    lines = ["| Rows | n | L2 drift, median (5%-95%) | cosine to step 0, median | norm at the end, median |",
+             "|:--|--:|--:|--:|--:|"]
+    for key, label in EXPOSURE_GROUPS:
+        drift, norms = summary["drift"].get(key), summary["norms"].get(key)
+        if not drift:
+            lines.append(f"| {label} | 0 | – | – | – |")
+            continue
+        l2, cos = drift["l2"]["quantiles"], drift["cosine"]["quantiles"]
+        lines.append(f"| {label} | {drift['l2']['n']:,} | {l2['0.5']:.4f} ({l2['0.05']:.4f}-{l2['0.95']:.4f}) | "
+                     f"{cos['0.5']:.4f} | {_fmt(norms['quantiles']['0.5'] if norms else None)} |")
+    return "\n".join(lines)
+
+
 def sweep_table(sweep: list[dict]) -> str:
     lines = ["| lr | Run | Steps | Final val loss | Best val loss (step) | Final Δ nats/char | Best Δ nats/char (step) |",
              "|--:|:--|--:|--:|--:|--:|--:|"]
@@ -291,6 +321,11 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
                   f"{wake.get('new_rows_never_in_training', '–')} of {wake.get('new_rows', '–')} new rows, "
                   f"{wake.get('val_new_targets_unseen', '–')} of {wake.get('val_new_targets', '–')} validation new-token "
                   "targets. Losses in nats per token, word costs in nats per occurrence.", "", eval_table(run), ""]
+        moved = exposure_table(run)
+        if moved:
+            parts += [f"How far the rows moved from the step-0 table to the end of the run (step {run['steps']}; "
+                      "the run's analysis/summary.json). A row no training block holds gets only the softmax's "
+                      "push-down.", "", moved, ""]
     if sweep:
         parts += ["## Learning-rate sweep", "", sweep_table(sweep), ""]
     return "\n".join(parts)
