@@ -175,3 +175,12 @@ def test_rows_moved_by_exposure_come_from_the_runs_analysis(tmp_path):
     # A run without an analysis gets no such table.
     bare = _workdir(tmp_path / "runs", "bare", [_eval(0, seen_word=20), _eval(10, seen_word=18)])
     assert "How far the rows moved" not in _page(tmp_path, [bare])
+
+
+def test_each_run_says_the_command_that_made_it(tmp_path):
+    run = _workdir(tmp_path / "runs", "run", [_eval(0, seen_word=20), _eval(10, seen_word=18)])
+    config = json.loads((run / "config.json").read_text())
+    config["command"] = "/somewhere/repo/experiments/train_p1.py --flagfile=f.flags --init=mean_noise --workdir=runs/run"
+    (run / "config.json").write_text(json.dumps(config))
+    assert "Made with `python -m experiments.train_p1 --flagfile=f.flags --init=mean_noise --workdir=runs/run`." in _page(
+        tmp_path, [run])

@@ -236,6 +236,17 @@ EXPOSURE_GROUPS = (("new_seen", "new rows a training block holds"), ("new_unseen
                    ("base", "base rows"))
 
 
+def made_with(config: dict) -> str | None:
+    """The run's recorded command line as a `python -m` command from the repository root, or None."""
+    words = (config.get("command") or "").split()
+    if not words:
+        return None
+    script = pathlib.Path(words[0])
+    if script.suffix == ".py" and "experiments" in script.parts:
+        words[0] = "python -m " + ".".join(script.parts[script.parts.index("experiments"):]).removesuffix(".py")
+    return " ".join(words)
+
+
 def exposure_table(run: dict) -> str | None:
     """How far each group of rows moved from step 0 to the analysed step, from the run's analysis;
     None without one, or without the seen / unseen split (an analysis given no training counts)."""
@@ -320,7 +331,9 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
                   f"{run['config']['data']['train_blocks']:,} training blocks. Never in training: "
                   f"{wake.get('new_rows_never_in_training', '–')} of {wake.get('new_rows', '–')} new rows, "
                   f"{wake.get('val_new_targets_unseen', '–')} of {wake.get('val_new_targets', '–')} validation new-token "
-                  "targets. Losses in nats per token, word costs in nats per occurrence.", "", eval_table(run), ""]
+                  "targets. Losses in nats per token, word costs in nats per occurrence."
+                  + (f" Made with `{made_with(run['config'])}`." if made_with(run["config"]) else ""), "",
+                  eval_table(run), ""]
         moved = exposure_table(run)
         if moved:
             parts += [f"How far the rows moved from the step-0 table to the end of the run (step {run['steps']}; "
@@ -328,6 +341,9 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
                       "push-down.", "", moved, ""]
     if sweep:
         parts += ["## Learning-rate sweep", "", sweep_table(sweep), ""]
+        commands = [f"* `{made_with(r['config'])}`" for r in sorted(sweep, key=lambda r: r["lr"]) if made_with(r["config"])]
+        if commands:
+            parts += ["Made with:", "", *commands, ""]
     return "\n".join(parts)
 
 
