@@ -117,12 +117,12 @@ def test_provisional_banner_below_two_epochs(tmp_path, steps, provisional):
 def test_sweep_table_and_regenerating_command(tmp_path):
     runs_dir = tmp_path / "runs"
     main = _workdir(runs_dir, "real_mean_noise", [_eval(0, seen_word=20, val=7.0), _eval(20, seen_word=20, val=6.0),
-                                                 _eval(40, seen_word=20, val=6.2, delta=-0.4)])
+                                                 _eval(40, seen_word=20, val=6.2, delta=-0.4, seen=7.5, unseen=9.5)])
     high = _workdir(runs_dir, "sweep_lr5e-2", [_eval(0, seen_word=20, val=7.0), _eval(20, seen_word=20, val=9.0)],
                     lr=5e-2)
     page = _page(tmp_path, [main], [high, main])
-    assert "| 0.0005 | `runs/real_mean_noise` | 40 | 6.2000 | 6.0000 (20) | -0.4000 | -0.4000 (40) |" in page
-    assert "| 0.05 | `runs/sweep_lr5e-2` | 20 | 9.0000 | 7.0000 (0) | -0.1000 | -0.1000 (0) |" in page
+    assert "| 0.0005 | `runs/real_mean_noise` | 40 | 6.2000 | 6.0000 (20) | -0.4000 | -0.4000 (40) | 7.5000 | 9.5000 |" in page
+    assert "| 0.05 | `runs/sweep_lr5e-2` | 20 | 9.0000 | 7.0000 (0) | -0.1000 | -0.1000 (0) | 8.0000 | 8.0000 |" in page
     assert page.index("| 0.0005 |") < page.index("| 0.05 |")
     assert "`python -m tools.answer_page --runs=runs/real_mean_noise --sweep=runs/sweep_lr5e-2,runs/real_mean_noise" in page
 

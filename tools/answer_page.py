@@ -267,19 +267,20 @@ def exposure_table(run: dict) -> str | None:
 
 
 def sweep_table(sweep: list[dict]) -> str:
-    lines = ["| lr | Run | Steps | Final val loss | Best val loss (step) | Final Δ nats/char | Best Δ nats/char (step) |",
-             "|--:|:--|--:|--:|--:|--:|--:|"]
+    lines = ["| lr | Run | Steps | Final val loss | Best val loss (step) | Final Δ nats/char | Best Δ nats/char (step) "
+             "| Final new, seen | Final new, unseen |", "|--:|:--|--:|--:|--:|--:|--:|--:|--:|"]
     for run in sorted(sweep, key=lambda r: r["lr"]):
         evals = run["evals"]
         if not evals:
-            lines.append(f"| {run['lr']:g} | `{run['path']}` | {run['steps']} | – | – | – | – |")
+            lines.append(f"| {run['lr']:g} | `{run['path']}` | {run['steps']} | – | – | – | – | – | – |")
             continue
         best = min(evals, key=lambda e: e["val_loss"])
         deltas = [e for e in evals if e.get("delta_nats_per_char") is not None]
         best_d = min(deltas, key=lambda e: e["delta_nats_per_char"]) if deltas else None
         lines.append(f"| {run['lr']:g} | `{run['path']}` | {run['steps']} | {evals[-1]['val_loss']:.4f} | "
                      f"{best['val_loss']:.4f} ({best['step']}) | {_fmt(evals[-1].get('delta_nats_per_char'), sign=True)} | "
-                     + (f"{best_d['delta_nats_per_char']:+.4f} ({best_d['step']})" if best_d else "–") + " |")
+                     + (f"{best_d['delta_nats_per_char']:+.4f} ({best_d['step']})" if best_d else "–")
+                     + f" | {_fmt(evals[-1].get('val_loss_new_seen'))} | {_fmt(evals[-1].get('val_loss_new_unseen'))} |")
     return "\n".join(lines)
 
 
@@ -318,8 +319,8 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
     note = banner(runs + sweep)
     if note:
         parts += [note, ""]
-    parts += [answer_paragraph(runs), "", f"Regenerate with `{command}` (it reads the workdirs' config.json and "
-              "metrics.jsonl; it trains nothing).", ""]
+    parts += [answer_paragraph(runs), "", f"Regenerate with `{command}` (it reads each run's config.json, "
+              "metrics.jsonl and analysis/summary.json, archived there; it trains nothing).", ""]
     if any(needs_reading(r) for r in runs):
         parts += [READING, ""]
     parts += [f"![seen and unseen new-token loss, delta nats/char against step]({figure_name})", ""]
