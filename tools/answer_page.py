@@ -213,9 +213,10 @@ def banner(runs: list[dict]) -> str | None:
 
 READING = ("*A reading, not a tested claim:* Adafactor normalises each update by the row's own running "
            "gradient scale, so a row that only ever receives negative (push-down) gradient, as a new row no "
-           "training block holds does through the softmax, moves about as far per step as a trained row. Such "
-           "rows are pushed away from every context instead of toward theirs, which would make the unseen loss "
-           "rise as the seen loss falls.")
+           "training block holds does through the softmax, moves at least as far per step as a trained row "
+           "(its gradient keeps one direction, so its steps do not cancel); a run's drift table, where it has "
+           "one, measures how far each group moved. Such rows are pushed away from every context instead of "
+           "toward theirs, which would make the unseen loss rise as the seen loss falls.")
 
 EVAL_COLUMNS = (("Val loss", "val_loss"), ("New, seen", "val_loss_new_seen"), ("New, unseen", "val_loss_new_unseen"),
                 ("Val nats/char", "val_nats_per_char"), ("Δ nats/char", "delta_nats_per_char"),
