@@ -184,3 +184,17 @@ def test_each_run_says_the_command_that_made_it(tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     assert "Made with `python -m experiments.train_p1 --flagfile=f.flags --init=mean_noise --workdir=runs/run`." in _page(
         tmp_path, [run])
+
+
+def test_seen_loss_by_training_count_at_the_first_and_last_evaluation(tmp_path):
+    def bucketed(step, once, often):
+        return {**_eval(step, seen_word=20), "val_loss_new_seen_1": once, "val_tokens_new_seen_1": 60,
+                "val_loss_new_seen_2_4": often, "val_tokens_new_seen_2_4": 30, "val_loss_new_seen_5_19": None,
+                "val_tokens_new_seen_5_19": 0, "val_loss_new_seen_20_plus": often - 1, "val_tokens_new_seen_20_plus": 1}
+    run = _workdir(tmp_path / "runs", "run", [bucketed(0, 15.0, 15.0), bucketed(10, 14.0, 13.0), bucketed(20, 16.0, 12.5)])
+    page = _page(tmp_path, [run])
+    assert "| Times in training | Targets | Loss at step 0 | Loss at step 20 | Change |" in page
+    assert "| 1 | 60 | 15.0000 | 16.0000 | +1.0000 |" in page
+    assert "| 2-4 | 30 | 15.0000 | 12.5000 | -2.5000 |" in page
+    assert "| 5-19 | 0 | – | – | – |" in page and "| 20+ | 1 | 14.0000 | 11.5000 | -2.5000 |" in page
+    assert "Times in training" not in _page(tmp_path, [_workdir(tmp_path / "runs", "bare", [_eval(0, seen_word=20)])])

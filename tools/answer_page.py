@@ -233,6 +233,26 @@ def eval_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+COUNT_BUCKETS = (("1", "_1"), ("2-4", "_2_4"), ("5-19", "_5_19"), ("20+", "_20_plus"))
+
+
+def count_table(run: dict) -> str | None:
+    """The seen new-token loss by how often training shows the token, at the first and last
+    evaluation (a dose-response: does a row need many sightings to learn?); None without the buckets."""
+    evals = [e for e in run["evals"] if "val_tokens_new_seen_1" in e]
+    if not evals:
+        return None
+    first, last = evals[0], evals[-1]
+    lines = ["| Times in training | Targets | Loss at step " + f"{first['step']} | Loss at step {last['step']} | Change |",
+             "|:--|--:|--:|--:|--:|"]
+    for label, suffix in COUNT_BUCKETS:
+        a, b = first.get(f"val_loss_new_seen{suffix}"), last.get(f"val_loss_new_seen{suffix}")
+        change = b - a if a is not None and b is not None else None
+        lines.append(f"| {label} | {last.get(f'val_tokens_new_seen{suffix}', 0):,} | {_fmt(a)} | {_fmt(b)} | "
+                     f"{_fmt(change, sign=True)} |")
+    return "\n".join(lines)
+
+
 EXPOSURE_GROUPS = (("new_seen", "new rows a training block holds"), ("new_unseen", "new rows no training block holds"),
                    ("base", "base rows"))
 
@@ -336,6 +356,10 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
                   "targets. Losses in nats per token, word costs in nats per occurrence."
                   + (f" Made with `{made_with(run['config'])}`." if made_with(run["config"]) else ""), "",
                   eval_table(run), ""]
+        by_count = count_table(run)
+        if by_count:
+            parts += ["The seen new-token targets by how many times their token occurs in the training blocks:", "",
+                      by_count, ""]
         moved = exposure_table(run)
         if moved:
             parts += [f"How far the rows moved from the step-0 table to the end of the run (step {run['steps']}; "
