@@ -347,7 +347,7 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
     parts += [f"![seen and unseen new-token loss, delta nats/char against step]({figure_name})", ""]
     for run in runs:
         flags_, wake = run["config"]["flags"], run["config"].get("wake_targets") or {}
-        parts += [f"## `{run['path']}`: init {run['label']}, lr {run['lr']:g}", "",
+        parts += [f"## `{run['path']}`: init `{run['init']}`, lr {run['lr']:g}", "",
                   f"{run['steps']} steps of {flags_['batch_size']} × {flags_['grad_accum']} blocks of "
                   f"{run['config']['data']['seq_len']} tokens: {run['epochs']:.2f} epochs of "
                   f"{run['config']['data']['train_blocks']:,} training blocks. Never in training: "
