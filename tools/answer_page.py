@@ -6,8 +6,9 @@
 one of its points). Each workdir's config.json and metrics.jsonl are read; nothing is run.
 Those two files, and the run's analysis/summary.json where it has one (its drift and norms
 of the rows training shows and of those it never shows), are copied into --archive/NAME/
-(docs/results/phase1_runs by default) and the page names the archived copies in its regenerating command, so the page
-regenerates from committed files after the workdirs (checkpoints, GBs) are gone.
+(docs/results/phase1_runs by default), and the page names the archived copies in its
+regenerating command, so it regenerates from committed files once the workdirs (checkpoints,
+GBs) are gone.
 The page's first paragraph answers the study's questions from the evaluations: does the
 loss on seen Wake words fall below the base model's cost of spelling them, does the
 held-out Wake text cost fewer nats per character than under the base model and by how much,
@@ -36,8 +37,9 @@ _RUNS = flags.DEFINE_list("runs", [], "main Phase 1 workdirs (different inits), 
 _SWEEP = flags.DEFINE_list("sweep", [], "learning-rate sweep workdirs, comma-separated")
 _OUT = flags.DEFINE_string("out", str(ROOT / "docs" / "results" / "phase1_answer.md"), "the page to write; the figure goes beside it")
 _ARCHIVE = flags.DEFINE_string("archive", str(ROOT / "docs" / "results" / "phase1_runs"),
-                               "folder that receives each run's config.json and metrics.jsonl (empty: read in place)")
-# What the page is computed from: all that is archived of a run (the analysis only where the run wrote one).
+                               "folder that receives each run's config.json, metrics.jsonl and analysis/summary.json "
+                               "(empty: read in place)")
+# What the page is computed from: all that is archived of a run. The analysis is optional (--analyze=false runs).
 RECORD_FILES = ("config.json", "metrics.jsonl")
 SUMMARY = "analysis/summary.json"
 
@@ -55,15 +57,12 @@ def shown_path(path) -> str:
 
 
 def archive_run(workdir, archive: pathlib.Path) -> pathlib.Path:
-    """archive/NAME holding the run's RECORD_FILES (copied unless the workdir is that folder)."""
+    """archive/NAME holding the run's RECORD_FILES and SUMMARY (copied unless the workdir is that folder)."""
     workdir, target = pathlib.Path(workdir), archive / pathlib.Path(workdir).name
     if workdir.resolve() != target.resolve():
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RECORD_FILES:
+        for name in RECORD_FILES + ((SUMMARY,) if (workdir / SUMMARY).is_file() else ()):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(workdir / name, target / name)
-        if (workdir / SUMMARY).is_file():
-            (target / SUMMARY).parent.mkdir(exist_ok=True)
-            shutil.copyfile(workdir / SUMMARY, target / SUMMARY)
     return target
 
 
@@ -271,8 +270,9 @@ def made_with(config: dict) -> str | None:
 def exposure_table(run: dict) -> str | None:
     """How far each group of rows moved from step 0 to the analysed step, from the run's analysis;
     None without one, or without the seen / unseen split (an analysis given no training counts)."""
-    summary = run["summary"]
-    if not summary or not summary.get("drift", {}).get("new_unseen") and not summary.get("drift", {}).get("new_seen"):
+    summary = run["summary"] or {}
+    drifts = summary.get("drift") or {}
+    if not (drifts.get("new_seen") or drifts.get("new_unseen")):
         return None
     lines = ["| Rows | n | L2 drift, median (5%-95%) | cosine to step 0, median | norm at the end, median |",
              "|:--|--:|--:|--:|--:|"]
@@ -354,7 +354,7 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
                   f"{wake.get('new_rows_never_in_training', '–')} of {wake.get('new_rows', '–')} new rows, "
                   f"{wake.get('val_new_targets_unseen', '–')} of {wake.get('val_new_targets', '–')} validation new-token "
                   "targets. Losses in nats per token, word costs in nats per occurrence."
-                  + (f" Made with `{made_with(run['config'])}`." if made_with(run["config"]) else ""), "",
+                  + (f" Made with `{made}`." if (made := made_with(run["config"])) else ""), "",
                   eval_table(run), ""]
         by_count = count_table(run)
         if by_count:
@@ -367,9 +367,9 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
                       "push-down.", "", moved, ""]
     if sweep:
         parts += ["## Learning-rate sweep", "", sweep_table(sweep), ""]
-        commands = [f"* `{made_with(r['config'])}`" for r in sorted(sweep, key=lambda r: r["lr"]) if made_with(r["config"])]
-        if commands:
-            parts += ["Made with:", "", *commands, ""]
+        commands = [made_with(r["config"]) for r in sorted(sweep, key=lambda r: r["lr"])]
+        if any(commands):
+            parts += ["Made with:", "", *(f"* `{c}`" for c in commands if c), ""]
     return "\n".join(parts)
 
 
