@@ -24,10 +24,11 @@ def _eval(step, *, seen_word, base_seen=20.0, delta=-0.1, seen=8.0, unseen=8.0, 
 
 
 def _workdir(root: pathlib.Path, name: str, evals: list[dict], *, init="mean_noise", lr=5e-4, train_blocks=100,
-             batch_size=1, grad_accum=4, seq_len=256) -> pathlib.Path:
+             batch_size=1, grad_accum=4, seq_len=256, injection="whole_word") -> pathlib.Path:
     workdir = root / name
     workdir.mkdir(parents=True)
-    config = {"flags": {"batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len, "init": init, "lr": lr},
+    config = {"flags": {"batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len, "init": init, "lr": lr,
+                        "injection": injection},
               "data": {"corpus_tokens": train_blocks * seq_len * 2, "seq_len": seq_len, "train_blocks": train_blocks,
                        "val_blocks": 10},
               "wake_targets": {"new_rows": 500, "new_rows_never_in_training": 120, "val_new_targets": 100,
@@ -198,3 +199,17 @@ def test_seen_loss_by_training_count_at_the_first_and_last_evaluation(tmp_path):
     assert "| 2-4 | 30 | 15.0000 | 12.5000 | -2.5000 |" in page
     assert "| 5-19 | 0 | – | – | – |" in page and "| 20+ | 1 | 14.0000 | 11.5000 | -2.5000 |" in page
     assert "Times in training" not in _page(tmp_path, [_workdir(tmp_path / "runs", "bare", [_eval(0, seen_word=20)])])
+
+
+def test_runs_are_named_by_injection_and_init_where_they_differ(tmp_path):
+    evals = [_eval(0, seen_word=24.0), _eval(50, seen_word=15.0)]
+    whole = _workdir(tmp_path, "whole", evals)
+    reference = _workdir(tmp_path, "ref", evals, injection="reference")
+    again = _workdir(tmp_path, "ref_again", evals, injection="reference")
+    answer = _answer(_page(tmp_path, [whole, reference]))
+    assert "`whole_word`, `mean_noise`: yes" in answer and "`reference`, `mean_noise`: yes" in answer
+    answer = _answer(_page(tmp_path, [reference, again]))
+    assert "`ref` (`mean_noise`): yes" in answer and "`ref_again` (`mean_noise`): yes" in answer
+    page = _page(tmp_path, [whole, again, reference])
+    assert "`ref_again` (`reference`, `mean_noise`): yes" in _answer(page)
+    assert "## `" + str(reference) + "`: injection `reference`, init `mean_noise`, lr 0.0005" in page

@@ -84,7 +84,8 @@ def load_run(workdir) -> dict:
     summary = json.loads((workdir / SUMMARY).read_text(encoding="utf-8")) if (workdir / SUMMARY).is_file() else None
     return {"name": workdir.name, "path": shown_path(workdir), "config": config, "evals": evals, "steps": steps,
             "summary": summary,
-            "init": flags_.get("init"), "lr": flags_.get("lr"), "tokens_seen": tokens_seen,
+            "init": flags_.get("init"), "injection": flags_.get("injection"), "lr": flags_.get("lr"),
+            "tokens_seen": tokens_seen,
             "train_tokens": data["train_blocks"] * data["seq_len"],
             "epochs": tokens_seen / (data["train_blocks"] * data["seq_len"])}
 
@@ -184,10 +185,13 @@ def needs_reading(run: dict) -> bool:
 
 
 def label_runs(runs: list[dict]) -> None:
-    """Each main run's name in the answers: its init, or its workdir where two runs share an init."""
-    inits = [r["init"] for r in runs]
-    for run in runs:
-        run["label"] = f"`{run['init']}`" if inits.count(run["init"]) == 1 else f"`{run['name']}` (init `{run['init']}`)"
+    """Each main run's name in the answers: its init, preceded by its injection where the runs use
+    more than one, or its workdir where two runs share both."""
+    several = len({r["injection"] for r in runs}) > 1
+    keys = [(r["injection"], r["init"]) for r in runs]
+    for run, key in zip(runs, keys):
+        what = ", ".join(([f"`{run['injection']}`"] if several else []) + [f"`{run['init']}`"])
+        run["label"] = what if keys.count(key) == 1 else f"`{run['name']}` ({what})"
 
 
 def answer_paragraph(runs: list[dict]) -> str:
@@ -320,7 +324,7 @@ def write_figure(runs: list[dict], path: pathlib.Path) -> None:
                 ax.plot(*zip(*points), "o-", label=label, color=color)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation loss (nats / token)")
-        ax.set_title(f"{run['name']} (init {run['init']}, lr {run['lr']:g})")
+        ax.set_title(f"{run['name']} ({run['injection']}, init {run['init']}, lr {run['lr']:g})")
         ax.grid(alpha=0.3)
         twin = ax.twinx()
         points = [(e["step"], e["delta_nats_per_char"]) for e in run["evals"] if e.get("delta_nats_per_char") is not None]
@@ -347,7 +351,7 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
     parts += [f"![seen and unseen new-token loss, delta nats/char against step]({figure_name})", ""]
     for run in runs:
         flags_, wake = run["config"]["flags"], run["config"].get("wake_targets") or {}
-        parts += [f"## `{run['path']}`: init `{run['init']}`, lr {run['lr']:g}", "",
+        parts += [f"## `{run['path']}`: injection `{run['injection']}`, init `{run['init']}`, lr {run['lr']:g}", "",
                   f"{run['steps']} steps of {flags_['batch_size']} × {flags_['grad_accum']} blocks of "
                   f"{run['config']['data']['seq_len']} tokens: {run['epochs']:.2f} epochs of "
                   f"{run['config']['data']['train_blocks']:,} training blocks. Never in training: "
