@@ -213,3 +213,13 @@ def test_runs_are_named_by_injection_and_init_where_they_differ(tmp_path):
     page = _page(tmp_path, [whole, again, reference])
     assert "`ref_again` (`reference`, `mean_noise`): yes" in _answer(page)
     assert "## `" + str(reference) + "`: injection `reference`, init `mean_noise`, lr 0.0005" in page
+
+
+def test_each_run_says_which_targets_its_evaluations_read(tmp_path):
+    run = _workdir(tmp_path, "scoped", [_eval(0, seen_word=24.0), _eval(50, seen_word=15.0)])
+    config = json.loads((run / "config.json").read_text())
+    config["flags"]["eval_blocks"] = 4
+    (run / "config.json").write_text(json.dumps(config))
+    page = _page(tmp_path, [run])
+    assert ("The evaluations read the first 4 of 10 validation blocks: 90 seen and 10 never-trained new-token "
+            "targets, 50 seen and 5 unseen Wake-word occurrences.") in page

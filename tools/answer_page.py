@@ -228,6 +228,19 @@ EVAL_COLUMNS = (("Val loss", "val_loss"), ("New, seen", "val_loss_new_seen"), ("
                 ("Base word unseen", "base_word_nats_unseen"))
 
 
+def evaluated_scope(run: dict) -> str:
+    """What the evaluations read, from the first eval event: config.json's counts cover every
+    validation block, an evaluation only the first --eval_blocks of them."""
+    if not run["evals"] or run["evals"][0].get("val_tokens_new_seen") is None:
+        return ""
+    first, blocks = run["evals"][0], run["config"]["flags"].get("eval_blocks")
+    read = f"the first {blocks} of {run['config']['data']['val_blocks']:,}" if blocks else "all"
+    return (f" The evaluations read {read} validation blocks: {first['val_tokens_new_seen']:,} seen and "
+            f"{first['val_tokens_new_unseen']:,} never-trained new-token targets, "
+            f"{first.get('word_occurrences_seen', 0):,} seen and {first.get('word_occurrences_unseen', 0):,} unseen "
+            "Wake-word occurrences.")
+
+
 def eval_table(run: dict) -> str:
     lines = ["| Step | " + " | ".join(h for h, _ in EVAL_COLUMNS) + " |", "|--:" * (1 + len(EVAL_COLUMNS)) + "|"]
     for e in run["evals"]:
@@ -357,7 +370,7 @@ def render(runs: list[dict], sweep: list[dict], command: str, figure_name: str) 
                   f"{run['config']['data']['train_blocks']:,} training blocks. Never in training: "
                   f"{wake.get('new_rows_never_in_training', '–')} of {wake.get('new_rows', '–')} new rows, "
                   f"{wake.get('val_new_targets_unseen', '–')} of {wake.get('val_new_targets', '–')} validation new-token "
-                  "targets. Losses in nats per token, word costs in nats per occurrence."
+                  f"targets.{evaluated_scope(run)} Losses in nats per token, word costs in nats per occurrence."
                   + (f" Made with `{made}`." if (made := made_with(run["config"])) else ""), "",
                   eval_table(run), ""]
         by_count = count_table(run)
